@@ -1,0 +1,1 @@
+"""Patch-encoded, volume-decoded autoencoder (issue 3)."""

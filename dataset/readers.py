@@ -1,0 +1,184 @@
+"""Every supported source (DICOM folder, DICOM ZIP, NIfTI, NRRD/MHA) as a list of series.
+
+A source is one case. `case_series` lists the series it holds (each validated, each with a reason
+when unusable); `read_volume` is the shortcut for a source that holds one usable series.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from torchio.data.io import sitk_to_nib
+
+from dataset.dicom import DicomSeries, is_dicom_file, scan_series
+from dataset.errors import CaseError
+from dataset.volume import CTVolume, plane_of
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def volume_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+
+
+@dataclass
+class FileSeries:
+    """A single-volume file (NIfTI, NRRD, MHA); geometry is read from the header without the voxels."""
+
+    path: Path
+    name: str = ""
+    spacing: float | None = None
+    thickness: float | None = None
+    plane: str | None = None
+    n_slices: int = 0
+    patient_id: str = ""
+    description: str = ""
+    skip_reason: str | None = None
+    _info: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.name = self.name or self.path.name
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(self.path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            self.skip_reason = f"{self.name}: unreadable or corrupt image file"
+            return
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            self.skip_reason = f"{self.name}: not a single-channel 3D volume"
+            return
+        direction = np.array(reader.GetDirection()).reshape(3, 3)
+        self.spacing = float(reader.GetSpacing()[2])
+        self.thickness = self.spacing
+        self.plane = plane_of(direction[:, 2])
+        self.n_slices = int(reader.GetSize()[2])
+
+    def read(self) -> CTVolume:
+        if self.skip_reason:
+            raise CaseError(self.skip_reason)
+        try:
+            image = sitk.ReadImage(str(self.path))
+        except RuntimeError:
+            raise CaseError(f"{self.name}: cannot read voxel data (truncated file?)") from None
+        array, affine = sitk_to_nib(image)
+        return CTVolume(array[0], affine, slice_thickness=self.thickness,
+                        info={"series": self.name, "format": volume_suffix(self.path).lstrip(".")})
+
+
+Series = DicomSeries | FileSeries
+
+
+def safe_extract_zip(archive: Path, dest: Path) -> None:
+    """Extract a ZIP, refusing any member that would land outside `dest` (zip-slip) or is a link."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CaseError(f"corrupt ZIP {archive.name}: {e}") from None
+    root = dest.resolve()
+    with zf:
+        for info in zf.infolist():
+            target = (root / info.filename).resolve()
+            is_link = stat.S_ISLNK(info.external_attr >> 16)
+            if os.path.isabs(info.filename) or not target.is_relative_to(root) or is_link:
+                raise CaseError(f"unsafe ZIP member '{info.filename}' in {archive.name}: "
+                                "path escapes the extraction folder (refused)")
+        try:
+            zf.extractall(root)
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise CaseError(f"corrupt ZIP {archive.name}: {e}") from None
+
+
+def _series_in_folder(folder: Path) -> list[Series]:
+    series: list[Series] = list(scan_series(folder))
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and volume_suffix(p):
+            series.append(FileSeries(p, name=str(p.relative_to(folder))))
+    return series
+
+
+@contextlib.contextmanager
+def case_series(source: Path, workdir: Path | None = None) -> Iterator[list[Series]]:
+    """The series of one case. ZIPs are extracted to a temporary folder that lives for the `with`."""
+    source = Path(source)
+    if not source.exists():
+        raise CaseError(f"{source}: no such file or folder")
+    if source.is_dir():
+        series = _series_in_folder(source)
+        if not series:
+            raise CaseError(f"{source.name}: no DICOM or volume files found")
+        yield series
+    elif source.suffix.lower() == ".zip":
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=".unzip-") as tmp:
+            safe_extract_zip(source, Path(tmp))
+            series = _series_in_folder(Path(tmp))
+            if not series:
+                raise CaseError(f"{source.name}: ZIP holds no DICOM or volume files")
+            yield series
+    elif volume_suffix(source):
+        yield [FileSeries(source)]
+    elif is_dicom_file(source):
+        raise CaseError(f"{source.name}: a single DICOM file; pass the folder of its series")
+    else:
+        raise CaseError(f"{source.name}: unsupported format (expected a DICOM folder or ZIP, "
+                        f"or one of {', '.join(VOLUME_SUFFIXES)})")
+
+
+def read_volume(source: str | Path) -> CTVolume:
+    """Read a source that holds exactly one usable series (the usual inference input)."""
+    with case_series(Path(source)) as series:
+        usable = [s for s in series if not s.skip_reason]
+        if not usable:
+            raise CaseError("; ".join(s.skip_reason for s in series))
+        if len(usable) > 1:
+            names = ", ".join(f"{s.name} ({s.spacing:.2f} mm)" for s in usable)
+            raise CaseError(f"{Path(source).name}: holds several series ({names}); pass one")
+        return usable[0].read()
+
+
+def discover_sources(root: Path) -> list[Path]:
+    """Every case below `root`: volume files, ZIPs, and DICOM folders.
+
+    A folder holding DICOM files is a case. A folder whose DICOM lies one level down (one sub-folder
+    per series, as radiology exports come) is one case when it holds a single series folder or its
+    series share a StudyInstanceUID; otherwise each series folder is its own case.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    sources: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        files = [here / f for f in sorted(filenames)]
+        if any(is_dicom_file(f) for f in files[:20]) or (here != root and _is_multi_series_case(here, dirnames)):
+            sources.append(here)
+            dirnames[:] = []
+            continue
+        sources += [f for f in files if volume_suffix(f) or f.suffix.lower() == ".zip"]
+    return sources
+
+
+def _first_dicom(folder: Path) -> Path | None:
+    return next((f for f in sorted(folder.iterdir()) if is_dicom_file(f)), None)
+
+
+def _is_multi_series_case(folder: Path, subdirs: list[str]) -> bool:
+    firsts = [f for f in (_first_dicom(folder / d) for d in subdirs) if f is not None]
+    if len(firsts) < 2 or len(firsts) != len(subdirs):
+        return False
+    try:
+        studies = {str(pydicom.dcmread(f, stop_before_pixels=True).get("StudyInstanceUID", "")) for f in firsts}
+    except Exception:  # a broken header is reported when the case is read, not here
+        return False
+    return len(studies) == 1 and "" not in studies

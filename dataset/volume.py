@@ -1,0 +1,72 @@
+"""A CT volume that carries its geometry everywhere: voxels in (x, y, z) order plus a RAS affine.
+
+The convention is nibabel's and TorchIO's (voxel index -> RAS millimetres), and voxel axis 2 is
+always the through-plane (slice) axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import nibabel as nib
+import numpy as np
+
+
+@dataclass
+class CTVolume:
+    array: np.ndarray  # (x, y, z), HU
+    affine: np.ndarray  # 4x4 voxel -> RAS mm
+    slice_thickness: float | None = None  # mm; DICOM SliceThickness when known, else the spacing
+    info: dict = field(default_factory=dict)  # non-identifying provenance (series description, ...)
+
+    def __post_init__(self):
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.array.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {self.array.shape}")
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"expected a 4x4 affine, got {self.affine.shape}")
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return nib.affines.voxel_sizes(self.affine)
+
+    @property
+    def slice_spacing(self) -> float:
+        return float(self.spacing[2])
+
+    @property
+    def thickness(self) -> float:
+        return float(self.slice_thickness) if self.slice_thickness else self.slice_spacing
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        col = self.affine[:3, 2]
+        return col / np.linalg.norm(col)
+
+    def with_array(self, array: np.ndarray, affine: np.ndarray | None = None, **kw) -> "CTVolume":
+        return replace(self, array=array, affine=self.affine if affine is None else affine, **kw)
+
+    def to_nifti(self) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(self.array, self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        img.header.set_xyzt_units("mm")
+        return img
+
+    def to_torchio(self):
+        import torch
+        import torchio as tio
+
+        return tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(self.array))[None], affine=self.affine)
+
+
+def plane_of(normal: np.ndarray) -> str:
+    """Name the acquisition plane from the slice normal (RAS)."""
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
