@@ -15,7 +15,6 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from torchio.data.io import sitk_to_nib
 
 from dataset.errors import CaseError
 from dataset.volume import CTVolume, plane_of
@@ -55,8 +54,7 @@ class DicomSeries:
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1][:200]
             raise CaseError(f"series {self.name}: cannot decode pixel data ({msg})") from None
-        array, affine = sitk_to_nib(image)
-        return CTVolume(array[0], affine, slice_thickness=self.thickness,
+        return CTVolume.from_sitk(image, slice_thickness=self.thickness,
                         info={"series": self.name, "description": self.description, "format": "dicom"})
 
 
@@ -80,14 +78,22 @@ def _pixel_data_complete(ds, path: Path) -> bool:
     return tell + length <= path.stat().st_size
 
 
-def scan_series(root: Path) -> list[DicomSeries]:
-    """Group every DICOM file below `root` into series and validate each one."""
+def scan_series(root: Path, label: str) -> list[DicomSeries]:
+    """Group every DICOM file below `root` into series and validate each one.
+
+    Series are named by their folder relative to `root` (`label` for `root` itself). A broken
+    file makes its folder's series unusable, and that reason wins over any other.
+    """
+
+    def folder_of(path: Path) -> str:
+        return label if path.parent == root else str(path.parent.relative_to(root))
+
     groups: dict[tuple[str, str], list[tuple[Path, object]]] = defaultdict(list)
     broken: dict[str, list[str]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if not pydicom.misc.is_dicom(path):
-            continue  # DICOMDIR-free exports often carry README/XML files next to the slices
-        folder = str(path.parent.relative_to(root)) or "."
+            continue  # exports often carry README/XML files next to the slices
+        folder = folder_of(path)
         try:
             ds = _header(path)
         except CaseError as e:
@@ -101,9 +107,9 @@ def scan_series(root: Path) -> list[DicomSeries]:
         groups[(folder, str(ds.get("SeriesInstanceUID", "")))].append((path, ds))
     series = [_validate(_series_name(folder, uid, groups), items) for (folder, uid), items in groups.items()]
     for s in series:
-        folder = str(s.files[0].parent.relative_to(root)) or "."
-        if folder in broken and not s.skip_reason:
-            s.skip_reason = f"series {s.name}: {broken[folder][0]}"
+        reasons = broken.get(folder_of(s.files[0]))
+        if reasons:
+            s.skip_reason = f"series {s.name}: {reasons[0]}"
     for folder, reasons in broken.items():
         if not any(k[0] == folder for k in groups):
             series.append(DicomSeries(folder, [], skip_reason=f"series {folder}: {reasons[0]}"))

@@ -10,18 +10,18 @@ import os
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from torchio.data.io import sitk_to_nib
 
 from dataset.dicom import DicomSeries, is_dicom_file, scan_series
 from dataset.errors import CaseError
-from dataset.volume import CTVolume, plane_of
+from dataset.volume import CTVolume, compact_hu, plane_of
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -33,7 +33,8 @@ def volume_suffix(path: Path) -> str | None:
 
 @dataclass
 class FileSeries:
-    """A single-volume file (NIfTI, NRRD, MHA); geometry is read from the header without the voxels."""
+    """A single-volume file. NIfTI is read with nibabel (SimpleITK silently turns NaN into 0),
+    NRRD/MHA with SimpleITK; geometry comes from the header without loading the voxels."""
 
     path: Path
     name: str = ""
@@ -44,36 +45,46 @@ class FileSeries:
     patient_id: str = ""
     description: str = ""
     skip_reason: str | None = None
-    _info: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_nifti(self) -> bool:
+        return volume_suffix(self.path) in (".nii", ".nii.gz")
 
     def __post_init__(self):
         self.name = self.name or self.path.name
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(self.path))
         try:
-            reader.ReadImageInformation()
-        except RuntimeError:
+            if self.is_nifti:
+                img = nib.load(str(self.path))
+                shape, affine = img.shape, img.affine
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(self.path))
+                reader.ReadImageInformation()
+                shape = reader.GetSize() + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
+                affine = np.eye(4)
+                affine[:3, :3] = np.array(reader.GetDirection()).reshape(3, 3) * np.array(reader.GetSpacing())
+        except Exception:  # nibabel and ITK raise many types for a damaged header
             self.skip_reason = f"{self.name}: unreadable or corrupt image file"
             return
-        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-            self.skip_reason = f"{self.name}: not a single-channel 3D volume"
+        if len(shape) != 3:
+            self.skip_reason = f"{self.name}: not a single-channel 3D volume (shape {tuple(shape)})"
             return
-        direction = np.array(reader.GetDirection()).reshape(3, 3)
-        self.spacing = float(reader.GetSpacing()[2])
+        self.spacing = float(nib.affines.voxel_sizes(affine)[2])
         self.thickness = self.spacing
-        self.plane = plane_of(direction[:, 2])
-        self.n_slices = int(reader.GetSize()[2])
+        self.plane = plane_of(affine[:3, 2])
+        self.n_slices = int(shape[2])
 
     def read(self) -> CTVolume:
         if self.skip_reason:
             raise CaseError(self.skip_reason)
+        info = {"series": self.name, "format": volume_suffix(self.path).lstrip(".")}
         try:
-            image = sitk.ReadImage(str(self.path))
-        except RuntimeError:
-            raise CaseError(f"{self.name}: cannot read voxel data (truncated file?)") from None
-        array, affine = sitk_to_nib(image)
-        return CTVolume(array[0], affine, slice_thickness=self.thickness,
-                        info={"series": self.name, "format": volume_suffix(self.path).lstrip(".")})
+            if self.is_nifti:
+                img = nib.load(str(self.path))
+                return CTVolume(compact_hu(np.asanyarray(img.dataobj)), img.affine, self.thickness, info)
+            return CTVolume.from_sitk(sitk.ReadImage(str(self.path)), slice_thickness=self.thickness, info=info)
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise CaseError(f"{self.name}: cannot read voxel data, truncated file? ({type(e).__name__})") from None
 
 
 Series = DicomSeries | FileSeries
@@ -99,8 +110,8 @@ def safe_extract_zip(archive: Path, dest: Path) -> None:
             raise CaseError(f"corrupt ZIP {archive.name}: {e}") from None
 
 
-def _series_in_folder(folder: Path) -> list[Series]:
-    series: list[Series] = list(scan_series(folder))
+def _series_in_folder(folder: Path, label: str) -> list[Series]:
+    series: list[Series] = list(scan_series(folder, label))
     for p in sorted(folder.rglob("*")):
         if p.is_file() and volume_suffix(p):
             series.append(FileSeries(p, name=str(p.relative_to(folder))))
@@ -114,14 +125,14 @@ def case_series(source: Path, workdir: Path | None = None) -> Iterator[list[Seri
     if not source.exists():
         raise CaseError(f"{source}: no such file or folder")
     if source.is_dir():
-        series = _series_in_folder(source)
+        series = _series_in_folder(source, source.name)
         if not series:
             raise CaseError(f"{source.name}: no DICOM or volume files found")
         yield series
     elif source.suffix.lower() == ".zip":
         with tempfile.TemporaryDirectory(dir=workdir, prefix=".unzip-") as tmp:
             safe_extract_zip(source, Path(tmp))
-            series = _series_in_folder(Path(tmp))
+            series = _series_in_folder(Path(tmp), source.stem)
             if not series:
                 raise CaseError(f"{source.name}: ZIP holds no DICOM or volume files")
             yield series

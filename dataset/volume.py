@@ -50,6 +50,14 @@ class CTVolume:
         col = self.affine[:3, 2]
         return col / np.linalg.norm(col)
 
+    @classmethod
+    def from_sitk(cls, image, **kwargs) -> "CTVolume":
+        """SimpleITK (LPS) image -> (x, y, z) array + RAS affine, via TorchIO's converter."""
+        from torchio.data.io import sitk_to_nib
+
+        array, affine = sitk_to_nib(image)
+        return cls(compact_hu(array[0]), affine, **kwargs)
+
     def with_array(self, array: np.ndarray, affine: np.ndarray | None = None, **kw) -> "CTVolume":
         return replace(self, array=array, affine=self.affine if affine is None else affine, **kw)
 
@@ -65,6 +73,14 @@ class CTVolume:
         import torchio as tio
 
         return tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(self.array))[None], affine=self.affine)
+
+
+def compact_hu(array: np.ndarray) -> np.ndarray:
+    """Integer HU that fit int16 are stored as int16 (readers may hand back int32 after rescaling)."""
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.int16:
+        if array.size and array.min() >= -32768 and array.max() <= 32767:
+            return array.astype(np.int16)
+    return array
 
 
 def plane_of(normal: np.ndarray) -> str:
