@@ -117,15 +117,16 @@ def main(argv=None) -> int:
     bar = tqdm(sources, unit="case", desc="prepare", dynamic_ncols=True)
     for source in bar:
         case_id = case_id_for(source, root)
-        bar.set_postfix_str(case_id[-40:])
+        rel = str(source.relative_to(root)) if source != root else source.name
+        bar.set_postfix_str(case_id if len(case_id) <= 40 else "…" + case_id[-39:])
         try:
             meta, was_done = prepare_case(source, root, cache, cfg, fingerprint)
         except CaseError as e:
-            failures.append((case_id, str(source.relative_to(root)) if source != root else source.name, str(e)))
+            failures.append((case_id, rel, str(e)))
             continue
         except Exception as e:  # one bad case never stops the run; the reason goes to the failures file
             first = (str(e).strip().splitlines() or [""])[0][:200]
-            failures.append((case_id, str(source), f"unexpected {type(e).__name__}: {first}"))
+            failures.append((case_id, rel, f"unexpected {type(e).__name__}: {first}"))
             continue
         reused += was_done
         split = assign_split(meta["patient"], cfg.split, meta.get("patient_label"))
