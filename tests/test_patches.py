@@ -4,8 +4,10 @@ import torchio as tio
 
 from dataset.cache import read_manifest
 from dataset.intensity import hu_to_unit, unit_to_hu
-from dataset.patches import RandomHUJitter, patch_queue
+from dataset.patches import PatchStream, RandomHUJitter, patch_loader
 from thinslice.config import parse_config
+
+CFG = parse_config({}).data
 
 
 def case_dirs(cache):
@@ -13,41 +15,43 @@ def case_dirs(cache):
 
 
 def test_bundled_cache_has_the_expected_cases(bundled_cache):
-    manifest = read_manifest(bundled_cache)
-    splits = {c["case_id"]: c["split"] for c in manifest["cases"]}
+    splits = {c["case_id"]: c["split"] for c in read_manifest(bundled_cache)["cases"]}
     assert splits["thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"] == "test"
     assert "dicom__totalseg-s3_abdomen_2mm" in splits
 
 
 def test_patches_come_from_the_body_and_keep_hu(bundled_cache):
-    cfg = parse_config({"data": {"patches": {"size": [32, 32, 32], "samples_per_volume": 4,
-                                             "queue_length": 16}}}).data
-    torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(patch_queue(case_dirs(bundled_cache), cfg, augment=False), batch_size=4)
+    stream = PatchStream(case_dirs(bundled_cache), CFG, size=(32, 32, 32), augment=False)
     volumes = {}
-    for i, batch in enumerate(loader):
-        x = batch["thin"][tio.DATA]
-        assert x.shape == (4, 1, 32, 32, 32) and x.min() >= -1 and x.max() <= 1
-        for patch, loc, cid in zip(x, batch[tio.LOCATION], batch["case_id"]):
-            if cid not in volumes:
-                volumes[cid] = tio.ScalarImage(bundled_cache / "cases" / cid / "thin.nii").numpy()[0]
-            vol = volumes[cid]
-            i0, j0, k0, i1, j1, k1 = loc.tolist()
-            if k1 <= vol.shape[2]:  # unpadded: the patch is exactly the windowed HU at its location
-                expect = hu_to_unit(vol[i0:i1, j0:j1, k0:k1].astype(np.float32), cfg.hu_window)
-                assert np.allclose(patch[0].numpy(), expect, atol=1e-6)
-            centre = unit_to_hu(patch[0, 16, 16, 16].item(), cfg.hu_window)
-            assert centre > cfg.patches.body_threshold_hu  # centres drawn from the body mask
-        if i == 3:
-            break
+    for i in range(24):
+        item = stream[i]
+        x = item["image"]
+        assert x.shape == (1, 32, 32, 32) and x.min() >= -1 and x.max() <= 1
+        cid = item["case_id"]
+        if cid not in volumes:
+            volumes[cid] = tio.ScalarImage(bundled_cache / "cases" / cid / "thin.nii").numpy()[0]
+        vol = volumes[cid]
+        x0, y0, z0 = item["location"].tolist()
+        if vol.shape[2] >= 32:  # unpadded: the patch is exactly the windowed HU at its location
+            expect = hu_to_unit(vol[x0:x0 + 32, y0:y0 + 32, z0:z0 + 32].astype(np.float32), CFG.hu_window)
+            assert np.allclose(x[0].numpy(), expect, atol=1e-6)
+        assert (unit_to_hu(x, CFG.hu_window) > CFG.patches.body_threshold_hu).float().mean() > 0.05
+
+
+def test_stream_is_a_pure_function_of_the_index(bundled_cache):
+    a = PatchStream(case_dirs(bundled_cache), CFG, size=(32, 32, 32), seed=3)
+    b = PatchStream(case_dirs(bundled_cache), CFG, size=(32, 32, 32), seed=3)
+    assert torch.equal(a[17]["image"], b[17]["image"]) and not torch.equal(a[17]["image"], a[18]["image"])
+    # two ranks of batch 2 read exactly the items one process of batch 4 reads, at any start step
+    single = next(iter(patch_loader(a, 4, start=5)))["image"]
+    ranks = [next(iter(patch_loader(a, 2, rank=r, world=2, start=5)))["image"] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), single)
 
 
 def test_thin_volumes_smaller_than_a_patch_are_padded_with_air(bundled_cache):
-    cfg = parse_config({"data": {"patches": {"size": [64, 64, 64], "samples_per_volume": 2,
-                                             "queue_length": 4}}}).data
-    dicom_case = [bundled_cache / "cases" / "dicom__totalseg-s3_abdomen_2mm"]  # 20 slices only
-    patch = next(iter(torch.utils.data.DataLoader(patch_queue(dicom_case, cfg, augment=False), batch_size=1)))
-    x = patch["thin"][tio.DATA][0, 0]
+    stream = PatchStream([bundled_cache / "cases" / "dicom__totalseg-s3_abdomen_2mm"], CFG, size=(64, 64, 64),
+                         augment=False)  # 20 slices only
+    x = stream[0]["image"][0]
     assert x.shape == (64, 64, 64)
     assert torch.all(x[:, :, :22] == -1) and torch.all(x[:, :, -22:] == -1)  # 44 slices of air, centred
 

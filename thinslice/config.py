@@ -60,11 +60,8 @@ class SplitConfig(_Strict):
 
 
 class PatchConfig(_Strict):
-    """Random patches for autoencoder training (TorchIO Queue)."""
+    """Where training patches are centred and how they are augmented (size: autoencoder.patch_size)."""
 
-    size: tuple[int, int, int] = (64, 64, 64)
-    queue_length: int = Field(64, gt=0)
-    samples_per_volume: int = Field(8, gt=0)
     body_threshold_hu: float = -500.0
     flip_axes: tuple[int, ...] = (0, 1)
     jitter_hu: float = Field(10.0, ge=0)
@@ -87,8 +84,88 @@ class DataConfig(_Strict):
         return self
 
 
+class AutoencoderConfig(_Strict):
+    """Patch-encoded, volume-decoded autoencoder (AutoEncoder/)."""
+
+    compression: tuple[int, int, int] = (4, 4, 4)  # per axis (x, y, z), powers of two
+    latent_channels: int = Field(8, gt=0)
+    channels: tuple[int, ...] = (32, 64, 128)  # one width per resolution: log2(max(compression)) + 1
+    num_res_blocks: int = Field(1, ge=1)
+    encoder_attention: bool = True  # attention in the encoder's middle block (patch-local)
+    regularizer: Literal["vq", "kl"] = "vq"
+    codebook_size: int = Field(1024, gt=1)
+    commitment: float = Field(0.25, ge=0)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    dead_code_threshold: float = Field(0.01, ge=0)  # EMA usage under which a code is restarted
+    restart_every: int = Field(50, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    patch_size: tuple[int, int, int] = (64, 64, 64)  # patch-wise encoding of whole volumes
+    encode_overlap: float = Field(0.25, ge=0, lt=1)
+    decode_chunk: tuple[int, int, int] = (32, 32, 32)  # latent voxels per decoded chunk
+    decode_halo: int = Field(12, ge=0)  # latent voxels of context around each chunk
+
+    @model_validator(mode="after")
+    def _levels(self):
+        for c in self.compression:
+            if c < 1 or c & (c - 1):
+                raise ValueError(f"compression factors must be powers of two, got {self.compression}")
+        levels = max(self.compression).bit_length()  # log2 + 1
+        if len(self.channels) != levels:
+            raise ValueError(f"channels needs {levels} widths for compression {self.compression}, got {len(self.channels)}")
+        for p, c in zip(self.patch_size, self.compression):
+            if p % c:
+                raise ValueError(f"patch_size {self.patch_size} must be a multiple of compression {self.compression}")
+        return self
+
+
+class LossConfig(_Strict):
+    l1_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(0.1, ge=0)
+    perceptual_weights: str = "pretrained/medicalnet_resnet10_23datasets.pth"
+    adv_weight: float = Field(0.05, ge=0)
+    adv_start_step: int = Field(2000, ge=0)
+    adv_criterion: Literal["hinge", "least_squares"] = "hinge"
+    feature_matching_weight: float = Field(0.0, ge=0)
+    disc_channels: int = Field(32, gt=0)
+    disc_layers: int = Field(3, ge=1)
+
+
+class AETrainConfig(_Strict):
+    """One stage of autoencoder training; stage 2 names the stage-1 checkpoint in init_from."""
+
+    stage: Literal[1, 2] = 1
+    init_from: str | None = None
+    crop_size: tuple[int, int, int] | None = None  # stage 2: None = whole volumes
+    batch_size: int = Field(2, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(20000, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    disc_lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = True  # autocast on GPU; on CPU too when cpu_bf16
+    cpu_bf16: bool = False
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    log_every: int = Field(10, gt=0)
+    image_every: int = Field(500, gt=0)
+    val_every: int = Field(1000, gt=0)
+    val_max_cases: int = Field(4, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _stage(self):
+        if self.stage == 2 and not self.init_from:
+            raise ValueError("stage 2 needs init_from: the stage-1 checkpoint")
+        return self
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    loss: LossConfig = LossConfig()
+    ae_train: AETrainConfig = AETrainConfig()
 
 
 def _describe(err: dict, model: type[BaseModel]) -> str:
