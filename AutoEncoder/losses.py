@@ -35,7 +35,10 @@ class MedicalNetPerceptualLoss(nn.Module):
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         self.net = medicalnet_resnet10()
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{path}: not MedicalNet ResNet-10 weights ({str(e).splitlines()[-1].strip()})") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise ValueError(f"{path}: not MedicalNet ResNet-10 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -101,8 +101,8 @@ class AutoencoderConfig(_Strict):
     kl_weight: float = Field(1e-6, ge=0)
     patch_size: tuple[int, int, int] = (64, 64, 64)  # patch-wise encoding of whole volumes
     encode_overlap: float = Field(0.25, ge=0, lt=1)
-    decode_chunk: tuple[int, int, int] = (32, 32, 32)  # latent voxels per decoded chunk
-    decode_halo: int = Field(12, ge=0)  # latent voxels of context around each chunk
+    decode_chunk: tuple[int, int, int] = (64, 64, 64)  # latent voxels per decoded chunk
+    decode_halo: int = Field(12, ge=0)  # latent context per side; >= the decoder's receptive radius
 
     @model_validator(mode="after")
     def _levels(self):

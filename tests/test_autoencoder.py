@@ -1,0 +1,189 @@
+"""Autoencoder: geometry of patch encoding / volume decoding, and the two-stage trainer on real CT."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from AutoEncoder.losses import MedicalNetPerceptualLoss, medicalnet_resnet10
+from AutoEncoder.model import PatchVolumeAutoencoder, latent_shape
+from AutoEncoder.trainer import main as train_main
+from thinslice.checkpoint import load_checkpoint
+from thinslice.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_AE = {"channels": [8, 16, 16], "codebook_size": 64, "patch_size": [32, 32, 32], "restart_every": 2}
+
+
+def tiny_model(**kw) -> PatchVolumeAutoencoder:
+    torch.manual_seed(0)
+    return PatchVolumeAutoencoder(parse_config({"autoencoder": {**TINY_AE, **kw}}).autoencoder).eval()
+
+
+@pytest.mark.parametrize("compression", [(4, 4, 4), (8, 8, 4)])
+def test_odd_sizes_round_trip_in_shape(compression):
+    channels = [8, 16, 16] if max(compression) == 4 else [8, 8, 16, 16]
+    m = tiny_model(compression=list(compression), channels=channels)
+    x = torch.rand(1, 1, 37, 45, 29) * 2 - 1
+    z = m.encode_volume(x)
+    assert tuple(z.shape[2:]) == latent_shape(x.shape[2:], compression)
+    assert m.reconstruct_volume(x).shape == x.shape
+
+
+def test_padding_is_air_at_the_far_end_and_crops_back_exactly():
+    m = tiny_model()
+    x = torch.rand(1, 1, 37, 45, 29) * 2 - 1
+    padded = m.pad_to_grid(x)
+    assert padded.shape[2:] == (40, 48, 32)
+    assert torch.equal(padded[..., :37, :45, :29], x)
+    assert torch.all(padded[..., 37:, :, :] == -1) and torch.all(padded[..., :, :, 29:] == -1)
+
+
+def test_chunked_decoding_equals_one_shot_without_seams(chest_block):
+    m = tiny_model()
+    from dataset.intensity import hu_to_unit
+
+    x = hu_to_unit(torch.from_numpy(chest_block.array.astype("float32")))[None, None]
+    with torch.no_grad():
+        z = m.encode_volume(x)  # (24, 24, 10) latent
+        one_shot = m.decode_volume(z, chunk=(64, 64, 64))
+        chunked = m.decode_volume(z, chunk=(7, 9, 4), halo=12)
+        seamy = m.decode_volume(z, chunk=(7, 9, 4), halo=2)
+    diff = (one_shot - chunked).abs()
+    assert float(diff.max()) < 1e-5  # measured ~2e-6: float rounding only
+    # no seam: the error on chunk-border planes is no larger than anywhere else
+    border = diff[..., 7 * 4 - 1:7 * 4 + 1, :, :].max()
+    assert float(border) <= float(diff.max())
+    # too little context does leave seams, which is what the halo is for
+    assert float((one_shot - seamy).abs().max()) > 1e-3
+
+
+def test_perceptual_loss_names_the_missing_file_and_loads_real_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing .*medicalnet.pth.*perceptual_weight: 0"):
+        MedicalNetPerceptualLoss(tmp_path / "medicalnet.pth")
+    torch.manual_seed(0)
+    state = {"state_dict": {f"module.{k}": v for k, v in medicalnet_resnet10().state_dict().items()}}
+    torch.save(state, tmp_path / "medicalnet.pth")  # the layout of the released MedicalNet file
+    loss = MedicalNetPerceptualLoss(tmp_path / "medicalnet.pth")
+    a = torch.rand(1, 1, 32, 32, 32)
+    assert float(loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(a, torch.rand(1, 1, 32, 32, 32))) > 0
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="not MedicalNet"):
+        MedicalNetPerceptualLoss(tmp_path / "wrong.pth")
+
+
+def write_config(path: Path, stage: int = 1, **train) -> Path:
+    cfg = {
+        "autoencoder": TINY_AE,
+        "loss": {"perceptual_weight": 0.0, "adv_weight": 0.1, "adv_start_step": 2, "disc_channels": 8, "disc_layers": 2},
+        "ae_train": {"stage": stage, "batch_size": 2, "max_steps": 6, "warmup_steps": 2, "num_workers": 0, "log_every": 1,
+                     "image_every": 3, "val_every": 1000, "checkpoint_every": 3, "keep_last": 2, **train},
+    }
+    if stage == 2:
+        del cfg["autoencoder"]  # taken from the stage-1 checkpoint
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(bundled_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ae")
+    cfg = write_config(tmp / "stage1.yaml")
+    assert train_main(["--config", str(cfg), "--cache", str(bundled_cache), "--output", str(tmp / "run")]) == 0
+    return tmp, cfg
+
+
+def test_stage1_trains_checkpoints_and_logs(stage1_run):
+    tmp, _ = stage1_run
+    run = tmp / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000003.pt", "step_00000006.pt"]
+    state = load_checkpoint(run / "checkpoints" / "step_00000006.pt")
+    assert state["step"] == 6 and "opt_g" in state and "adversary" in state
+    steps = history(run)
+    assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]
+    assert "loss/adv_g" not in steps[1] and "loss/adv_g" in steps[2]  # GAN starts at adv_start_step
+    assert "latent/perplexity" in steps[0]
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_resume_continues_the_same_run(stage1_run, bundled_cache):
+    tmp, cfg = stage1_run
+    run = tmp / "resumed"
+    args = ["--config", str(cfg), "--cache", str(bundled_cache), "--output", str(run)]
+    assert train_main(args + ["--stop-after", "3"]) == 0  # a run that stops at step 3 ...
+    # ... killed later without a checkpoint: its extra log lines must not survive the resume
+    with open(run / "history.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss/total": 123.0}) + "\n")
+    assert train_main(args) == 0
+    straight, resumed = history(tmp / "run"), history(run)
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5, abs=1e-6)
+    wa = load_checkpoint(tmp / "run" / "checkpoints" / "step_00000006.pt")["model"]
+    wb = load_checkpoint(run / "checkpoints" / "step_00000006.pt")["model"]
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(bundled_cache, tmp_path):
+    cfg = write_config(tmp_path / "long.yaml", max_steps=10000, checkpoint_every=10000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train" / "train_autoencoder.py"), "--config", str(cfg),
+                             "--cache", str(bundled_cache), "--output", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+
+    deadline = time.time() + 300
+    while not (run / "history.jsonl").exists() or not (run / "history.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(__import__("signal").SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by signal" in out
+    state = load_checkpoint(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
+    assert 1 <= state["step"] < 10000
+
+
+def test_stage2_freezes_encoder_and_codebook_bit_for_bit(stage1_run, bundled_cache):
+    tmp, _ = stage1_run
+    init = tmp / "run" / "checkpoints" / "step_00000006.pt"
+    cfg = write_config(tmp / "stage2.yaml", stage=2, init_from=str(init), crop_size=[48, 48, 32], batch_size=1,
+                       max_steps=2, checkpoint_every=2)
+    assert train_main(["--config", str(cfg), "--cache", str(bundled_cache), "--output", str(tmp / "stage2")]) == 0
+    before = load_checkpoint(init)["model"]
+    after = load_checkpoint(tmp / "stage2" / "checkpoints" / "step_00000002.pt")["model"]
+    frozen = [k for k in before if k.startswith(("encoder.", "bottleneck."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert "loss/adv_g" in history(tmp / "stage2")[0]  # GAN on from the first stage-2 step
+
+
+def test_stage2_rejects_a_different_architecture(stage1_run, bundled_cache, capsys):
+    tmp, _ = stage1_run
+    cfg = write_config(tmp / "bad2.yaml", stage=2, init_from=str(tmp / "run" / "checkpoints" / "step_00000006.pt"))
+    raw = yaml.safe_load(cfg.read_text())
+    raw["autoencoder"] = {**TINY_AE, "latent_channels": 4}
+    cfg.write_text(yaml.safe_dump(raw))
+    assert train_main(["--config", str(cfg), "--cache", str(bundled_cache), "--output", str(tmp / "bad")]) == 2
+    assert "autoencoder settings differ" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_keeps_ranks_identical(bundled_cache, tmp_path):
+    cfg = write_config(tmp_path / "ddp.yaml", batch_size=1, max_steps=4, checkpoint_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          str(ROOT / "train" / "train_autoencoder.py"), "--config", str(cfg), "--cache", str(bundled_cache),
+                          "--output", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["step"] == 4 and result["ranks_identical"] is True
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").is_file()
