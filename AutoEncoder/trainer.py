@@ -21,16 +21,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from AutoEncoder.evaluate import reconstruct_case
 from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split
-from dataset.intensity import unit_to_hu
 from dataset.patches import PatchStream, patch_loader
 from thinslice.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state, warmup_cosine
 from thinslice.config import AutoencoderConfig, Config, ConfigError, load_config
 from thinslice.distributed import DistContext, cleanup, init_distributed, no_sync
 from thinslice.images import midplane_panel
-from thinslice.metrics import LUNG_WINDOW, psnr, ssim_axial
 from thinslice.signals import StopFlag
 
 
@@ -88,26 +87,17 @@ def params_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def validate(model: PatchVolumeAutoencoder, case_dirs: list[Path], cfg: Config, ctx: DistContext):
     """Whole val volumes, patch-encoded and volume-decoded; cases sharded over ranks."""
-    from dataset.cache import load_case
-    from dataset.intensity import hu_to_unit
-
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     panel = None
+    bf16 = cfg.ae_train.bf16 and (ctx.device.type == "cuda" or cfg.ae_train.cpu_bf16)
     for d in case_dirs[ctx.rank::ctx.world]:
-        thin = load_case(d).thin
-        x = hu_to_unit(torch.from_numpy(thin.array.astype("float32")), cfg.data.hu_window)[None, None].to(ctx.device)
-        with autocast(ctx.device, cfg):
-            rec = model.reconstruct_volume(x).float().clamp(-1, 1)
-        true_hu, rec_hu = unit_to_hu(x, cfg.data.hu_window).cpu(), unit_to_hu(rec, cfg.data.hu_window).cpu()
-        sums += torch.tensor([psnr(rec_hu, true_hu), psnr(rec_hu, true_hu, LUNG_WINDOW), ssim_axial(rec_hu, true_hu), 1.0],
-                             dtype=torch.float64)
-        if panel is None:
-            panel = midplane_panel(x[0, 0].cpu(), rec[0, 0].cpu())
+        m, case_panel = reconstruct_case(model, d, cfg.data.hu_window, ctx.device, bf16)
+        sums += torch.tensor([m["psnr"], m["psnr_lung"], m["ssim"], 1.0], dtype=torch.float64)
+        panel = case_panel if panel is None else panel
     sums = ctx.all_reduce_sum(sums).cpu()
     model.train(was_training)
     n = max(1.0, float(sums[3]))

@@ -187,3 +187,24 @@ def test_two_process_torchrun_keeps_ranks_identical(bundled_cache, tmp_path):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["step"] == 4 and result["ranks_identical"] is True
     assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").is_file()
+
+
+def test_validation_and_evaluation_score_whole_held_out_volumes(stage1_run, bundled_cache, tmp_path):
+    from AutoEncoder.evaluate import load_autoencoder
+    from AutoEncoder.evaluate import main as eval_main
+    from AutoEncoder.trainer import validate
+    from thinslice.distributed import DistContext
+
+    tmp, _ = stage1_run
+    ckpt = tmp / "run" / "checkpoints" / "step_00000006.pt"
+    model, state = load_autoencoder(ckpt)
+    from thinslice.config import Config
+
+    cfg = Config.model_validate(state["config"])
+    test_case = bundled_cache / "cases" / "thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"
+    metrics, panel = validate(model, [test_case], cfg, DistContext(0, 1, 0, torch.device("cpu")))
+    assert metrics["cases"] == 1 and 0 < metrics["psnr"] < 60 and 0 < metrics["ssim"] <= 1
+    assert panel.shape[0] == 1 and panel.min() >= 0 and panel.max() <= 1
+    assert eval_main(["--checkpoint", str(ckpt), "--cache", str(bundled_cache), "--output", str(tmp_path / "m.json")]) == 0
+    scored = json.loads((tmp_path / "m.json").read_text())["cases"][test_case.name]
+    assert scored["psnr"] == pytest.approx(metrics["psnr"], abs=1e-4)
