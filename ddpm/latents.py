@@ -1,0 +1,140 @@
+"""The latent dataset: every case of a prepared cache encoded once by the autoencoder.
+
+Per case, `<case_id>.safetensors` holds `thin` (the target latent) and `cond` (the thick scan
+resampled onto the thin grid with cubic B-splines, then encoded the same way), in float16, with
+shape, spacings, split and the autoencoder checkpoint's fingerprint as metadata. `index.json` lists
+the cases and the latent scale factor (1 / std of the training split's thin latents). A case done
+with the same fingerprint is skipped; a different fingerprint is re-encoded. Under torchrun the
+cases are sharded across ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from scipy import ndimage
+from tqdm import tqdm
+
+from AutoEncoder.evaluate import load_autoencoder
+from dataset.cache import load_case, read_manifest
+from dataset.intensity import hu_to_unit
+from dataset.volume import CTVolume
+from thinslice.atomic import atomic_path, write_json
+from thinslice.distributed import cleanup, init_distributed
+
+
+def file_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
+    """Cubic B-spline resampling of the thick scan at the thin voxel centres (edge values beyond)."""
+    m = np.linalg.inv(thick.affine) @ thin.affine  # thin voxel index -> thick voxel index
+    return ndimage.affine_transform(np.asarray(thick.array, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
+                                    output_shape=thin.shape, order=3, mode="nearest")
+
+
+@torch.no_grad()
+def encode_case(model, case_dir: Path, window, device) -> dict[str, torch.Tensor]:
+    case = load_case(case_dir)
+    out = {}
+    for name, hu in (("thin", np.asarray(case.thin.array, dtype=np.float32)), ("cond", thick_on_thin_grid(case.thick, case.thin))):
+        x = hu_to_unit(torch.from_numpy(hu), window)[None, None].to(device)
+        out[name] = model.encode_volume(x)[0].to(torch.float16).cpu().contiguous()
+    return out
+
+
+def read_metadata(path: Path) -> dict | None:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()
+    except Exception:  # missing or unreadable: encode again
+        return None
+
+
+def generate(cache: Path, checkpoint: Path, out: Path) -> dict:
+    ctx = init_distributed()
+    out.mkdir(parents=True, exist_ok=True)
+    model, state = load_autoencoder(checkpoint, ctx.device)
+    fingerprint = file_fingerprint(checkpoint)
+    window = tuple(state["config"]["data"]["hu_window"])
+    manifest = read_manifest(cache)["cases"]
+    mine = manifest[ctx.rank::ctx.world]
+    failures = {}
+    for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
+        path = out / f"{c['case_id']}.safetensors"
+        meta = read_metadata(path)
+        if meta and meta.get("ae_fingerprint") == fingerprint:
+            continue
+        try:
+            tensors = encode_case(model, Path(cache) / "cases" / c["case_id"], window, ctx.device)
+        except Exception as e:  # one bad case never stops the run
+            failures[c["case_id"]] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
+        meta = {"case_id": c["case_id"], "split": c["split"], "ae_fingerprint": fingerprint,
+                "thin_spacing": json.dumps(c["thin_spacing"]), "thick_spacing": json.dumps(c["thick_spacing"]),
+                "image_shape": json.dumps(c["thin_shape"]), "latent_shape": json.dumps(list(tensors["thin"].shape))}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    if ctx.distributed:
+        gathered = [None] * ctx.world
+        torch.distributed.all_gather_object(gathered, failures)
+        failures = {k: v for part in gathered for k, v in part.items()}
+    index = {}
+    if ctx.is_main:
+        index = write_index(out, manifest, checkpoint, fingerprint, failures)
+    ctx.barrier()
+    cleanup()
+    return index
+
+
+def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict) -> dict:
+    """index.json with the latent scale factor: 1 / std over the training split's thin latents."""
+    total, sq, n, cases = 0.0, 0.0, 0, []
+    for c in manifest:
+        path = out / f"{c['case_id']}.safetensors"
+        meta = read_metadata(path)
+        if not meta or meta.get("ae_fingerprint") != fingerprint:
+            continue
+        cases.append({"case_id": c["case_id"], "split": c["split"], "file": path.name,
+                      "latent_shape": json.loads(meta["latent_shape"]),
+                      "thin_spacing": json.loads(meta["thin_spacing"]), "thick_spacing": json.loads(meta["thick_spacing"])})
+        if c["split"] == "train":
+            with safe_open(str(path), "pt") as f:
+                z = f.get_tensor("thin").double()
+            total, sq, n = total + float(z.sum()), sq + float(z.pow(2).sum()), n + z.numel()
+    std = (sq / n - (total / n) ** 2) ** 0.5 if n else None
+    index = {"ae_checkpoint": str(checkpoint), "ae_fingerprint": fingerprint,
+             "scale_factor": (1.0 / std) if std else None, "cases": cases, "failures": failures}
+    write_json(out / "index.json", index)
+    return index
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Encode every case of a prepared cache into the latent dataset.")
+    p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="autoencoder checkpoint (stage 2 best.pt)")
+    p.add_argument("--output", required=True, type=Path, help="latent folder; reruns skip cases already done")
+    args = p.parse_args(argv)
+    try:
+        index = generate(args.cache, args.checkpoint, args.output)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if index:
+        print(f"{len(index['cases'])} case(s) in {args.output / 'index.json'}, scale factor {index['scale_factor']}, "
+              f"{len(index['failures'])} failed")
+        for case_id, reason in index["failures"].items():
+            print(f"  {case_id}: {reason}")
+    return 0
