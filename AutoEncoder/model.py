@@ -76,7 +76,7 @@ class PatchVolumeAutoencoder(nn.Module):
         return out
 
     def _decode_chunked(self, z, chunk, halo):
-        cx, cy, cz = self.compression
+        f = self.compression
         B = z.shape[0]
         out = None
         grids = [range(0, s, c) for s, c in zip(z.shape[2:], chunk)]
@@ -85,8 +85,7 @@ class PatchVolumeAutoencoder(nn.Module):
             ctx = [slice(max(0, sl.start - halo), min(s, sl.stop + halo)) for sl, s in zip(core, z.shape[2:])]
             y = self.decoder(z[(slice(None), slice(None)) + tuple(ctx)])
             if out is None:
-                out = y.new_empty((B, y.shape[1]) + tuple(s * f for s, f in zip(z.shape[2:], self.compression)))
-            f = (cx, cy, cz)
+                out = y.new_empty((B, y.shape[1]) + tuple(s * k for s, k in zip(z.shape[2:], f)))
             src = tuple(slice((c.start - x.start) * k, (c.stop - x.start) * k) for c, x, k in zip(core, ctx, f))
             dst = tuple(slice(c.start * k, c.stop * k) for c, k in zip(core, f))
             out[(slice(None), slice(None)) + dst] = y[(slice(None), slice(None)) + src]

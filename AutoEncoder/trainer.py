@@ -74,9 +74,12 @@ def set_train_mode(model: PatchVolumeAutoencoder, stage: int) -> None:
         model.bottleneck.eval()
 
 
+def use_bf16(device, cfg) -> bool:
+    return cfg.ae_train.bf16 and (device.type == "cuda" or cfg.ae_train.cpu_bf16)
+
+
 def autocast(device, cfg):
-    enabled = cfg.ae_train.bf16 and (device.type == "cuda" or cfg.ae_train.cpu_bf16)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg))
 
 
 def params_digest(module: torch.nn.Module) -> str:
@@ -93,9 +96,8 @@ def validate(model: PatchVolumeAutoencoder, case_dirs: list[Path], cfg: Config, 
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     panel = None
-    bf16 = cfg.ae_train.bf16 and (ctx.device.type == "cuda" or cfg.ae_train.cpu_bf16)
     for d in case_dirs[ctx.rank::ctx.world]:
-        m, case_panel = reconstruct_case(model, d, cfg.data.hu_window, ctx.device, bf16)
+        m, case_panel = reconstruct_case(model, d, cfg.data.hu_window, ctx.device, use_bf16(ctx.device, cfg))
         sums += torch.tensor([m["psnr"], m["psnr_lung"], m["ssim"], 1.0], dtype=torch.float64)
         panel = case_panel if panel is None else panel
     sums = ctx.all_reduce_sum(sums).cpu()

@@ -45,11 +45,6 @@ class CTVolume:
     def orientation(self) -> str:
         return "".join(nib.aff2axcodes(self.affine))
 
-    @property
-    def slice_normal(self) -> np.ndarray:
-        col = self.affine[:3, 2]
-        return col / np.linalg.norm(col)
-
     @classmethod
     def from_sitk(cls, image, **kwargs) -> "CTVolume":
         """SimpleITK (LPS) image -> (x, y, z) array + RAS affine, via TorchIO's converter."""
@@ -67,12 +62,6 @@ class CTVolume:
         img.set_sform(self.affine, code=1)
         img.header.set_xyzt_units("mm")
         return img
-
-    def to_torchio(self):
-        import torch
-        import torchio as tio
-
-        return tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(self.array))[None], affine=self.affine)
 
 
 def compact_hu(array: np.ndarray) -> np.ndarray:
