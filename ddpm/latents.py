@@ -63,13 +63,13 @@ def read_metadata(path: Path) -> dict | None:
         return None
 
 
-def generate(cache: Path, checkpoint: Path, out: Path) -> dict:
+def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "test")) -> dict:
     ctx = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     model, state = load_autoencoder(checkpoint, ctx.device)
     fingerprint = file_fingerprint(checkpoint)
     window = tuple(state["config"]["data"]["hu_window"])
-    manifest = read_manifest(cache)["cases"]
+    manifest = [c for c in read_manifest(cache)["cases"] if c["split"] in splits]
     mine = manifest[ctx.rank::ctx.world]
     failures = {}
     for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
@@ -93,13 +93,13 @@ def generate(cache: Path, checkpoint: Path, out: Path) -> dict:
         failures = {k: v for part in gathered for k, v in part.items()}
     index = {}
     if ctx.is_main:
-        index = write_index(out, manifest, checkpoint, fingerprint, failures)
+        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache)
     ctx.barrier()
     cleanup()
     return index
 
 
-def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict) -> dict:
+def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict, cache: Path) -> dict:
     """index.json with the latent scale factor: 1 / std over the training split's thin latents."""
     total, sq, n, cases = 0.0, 0.0, 0, []
     for c in manifest:
@@ -115,7 +115,7 @@ def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failure
                 z = f.get_tensor("thin").double()
             total, sq, n = total + float(z.sum()), sq + float(z.pow(2).sum()), n + z.numel()
     std = (sq / n - (total / n) ** 2) ** 0.5 if n else None
-    index = {"ae_checkpoint": str(checkpoint), "ae_fingerprint": fingerprint,
+    index = {"ae_checkpoint": str(Path(checkpoint).resolve()), "ae_fingerprint": fingerprint, "cache": str(Path(cache).resolve()),
              "scale_factor": (1.0 / std) if std else None, "cases": cases, "failures": failures}
     write_json(out / "index.json", index)
     return index
@@ -126,9 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
     p.add_argument("--checkpoint", required=True, type=Path, help="autoencoder checkpoint (stage 2 best.pt)")
     p.add_argument("--output", required=True, type=Path, help="latent folder; reruns skip cases already done")
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"],
+                   help="encode only these splits (the U-Net trains on train and validates on val)")
     args = p.parse_args(argv)
     try:
-        index = generate(args.cache, args.checkpoint, args.output)
+        index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,3 +44,19 @@ def bundled_cache(tmp_path_factory) -> Path:
     config = Path(__file__).resolve().parents[1] / "config" / "demo_data.yaml"
     assert main(["--input", str(DATA), "--output", str(cache), "--config", str(config)]) == 0
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_checkpoint(tmp_path_factory) -> Path:
+    """An untrained 4x autoencoder small enough to encode the bundled CT in seconds."""
+    import torch
+
+    from AutoEncoder.model import PatchVolumeAutoencoder
+    from thinslice.config import Config
+
+    cfg = Config.model_validate({"autoencoder": {"channels": [8, 8, 8], "codebook_size": 16, "patch_size": [32, 32, 32]}})
+    torch.manual_seed(0)
+    model = PatchVolumeAutoencoder(cfg.autoencoder)
+    path = tmp_path_factory.mktemp("ae") / "ae.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": 0}, path)
+    return path

@@ -5,20 +5,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.volume import CTVolume
 from ddpm.latents import main, thick_on_thin_grid
-from thinslice.config import Config
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cfg = Config.model_validate({"autoencoder": {"channels": [8, 8, 8], "codebook_size": 16, "patch_size": [32, 32, 32]}})
-    torch.manual_seed(0)
-    model = PatchVolumeAutoencoder(cfg.autoencoder)
-    path = tmp_path_factory.mktemp("ae") / "ae.pt"
-    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": 0}, path)
-    return path
+@pytest.fixture
+def checkpoint(tiny_ae_checkpoint):
+    return tiny_ae_checkpoint
 
 
 def test_cubic_resampling_onto_the_thin_grid_keeps_slab_centres():

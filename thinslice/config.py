@@ -161,11 +161,75 @@ class AETrainConfig(_Strict):
         return self
 
 
+class UNetConfig(_Strict):
+    """Transformer-augmented latent U-Net (ddpm/unet.py); latent channels come from the latents."""
+
+    model_channels: int = Field(64, gt=0)
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = Field(2, ge=1)
+    attention_levels: tuple[int, ...] = (1,)
+    window: int = Field(4, gt=0)  # intra-patch attention over window^3 latent tokens
+    dit_depth: int = Field(1, ge=1)
+    heads: int = Field(4, gt=0)
+    global_depth: int = Field(2, ge=0)  # inter-patch (global) attention blocks at the bottleneck
+    grad_checkpoint: bool = False
+
+    @model_validator(mode="after")
+    def _levels(self):
+        bad = [a for a in self.attention_levels if not 0 <= a < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside the {len(self.channel_mult)} levels of channel_mult")
+        for m in self.channel_mult:
+            if (self.model_channels * m) % self.heads:
+                raise ValueError(f"width {self.model_channels * m} is not divisible by heads={self.heads}")
+        return self
+
+
+class DiffusionConfig(_Strict):
+    num_steps: int = Field(1000, gt=1)
+    prediction: Literal["eps", "v", "x0"] = "v"
+    min_snr_gamma: float | None = Field(5.0, gt=0)
+    # Diffuse thin - condition (the detail the thick scan lacks) instead of the thin latent itself.
+    residual: bool = True
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = Field(50, gt=0)
+    eta: float = Field(0.0, ge=0)
+
+
+class UNetTrainConfig(_Strict):
+    """Latent U-Net training (train/train_unet_latent.py); batch_size is per rank."""
+
+    crop_size: tuple[int, int, int] = (32, 32, 16)  # latent voxels, multiples of the U-Net's 2**(levels-1)
+    samples_per_case: int = Field(64, gt=0)  # random crops per training case per epoch
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(100000, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    bf16: bool = True  # autocast on GPU; on CPU too when cpu_bf16
+    cpu_bf16: bool = False
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    log_every: int = Field(50, gt=0)
+    val_every: int = Field(2000, gt=0)
+    val_max_cases: int = Field(2, gt=0)
+    val_crop: tuple[int, int, int] | None = (32, 32, 16)  # latent crop at each val case's centre; None = whole
+    val_sample_steps: int = Field(25, gt=0)
+    checkpoint_every: int = Field(2000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     loss: LossConfig = LossConfig()
     ae_train: AETrainConfig = AETrainConfig()
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    unet_train: UNetTrainConfig = UNetTrainConfig()
 
 
 def _describe(err: dict, model: type[BaseModel]) -> str:

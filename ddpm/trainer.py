@@ -1,0 +1,280 @@
+"""Latent U-Net training: one readable loop for `python` and `torchrun` (as DiT's train.py).
+
+DistributedSampler + set_epoch over reproducible random latent crops, per-rank seeds, bf16 autocast,
+gradient accumulation and clipping, warmup + cosine LR, EMA (torch.optim.swa_utils) used for
+validation and sampling, step-numbered atomic checkpoints with automatic resume, SIGTERM -> save
+and exit. Rank 0 writes; the others wait at a barrier under the long process-group timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from AutoEncoder.evaluate import load_autoencoder
+from AutoEncoder.trainer import gather_rng, params_digest
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
+                              read_index)
+from ddpm.samplers import make_sampler
+from ddpm.schedule import cosine_alphas_cumprod
+from ddpm.unet import LatentUNet
+from ddpm.validation import val_crops, validate
+from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
+from thinslice.config import Config, ConfigError, load_config
+from thinslice.distributed import DistContext, cleanup, init_distributed, no_sync
+from thinslice.signals import StopFlag
+
+BUCKETS = 10  # loss by timestep bucket: t in [0, 100), [100, 200), ...
+
+
+def build_unet(cfg: Config, latent_channels: int) -> LatentUNet:
+    u = cfg.unet
+    return LatentUNet(latent_channels, u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_levels,
+                      u.window, u.dit_depth, u.heads, u.global_depth, u.grad_checkpoint)
+
+
+def build_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(cosine_alphas_cumprod(d.num_steps), d.prediction, d.min_snr_gamma)
+
+
+def use_bf16(device, cfg: Config) -> bool:
+    return cfg.unet_train.bf16 and (device.type == "cuda" or cfg.unet_train.cpu_bf16)
+
+
+def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool):
+    """Per-sample weighted loss of one batch; the one function both DDP and single runs differentiate."""
+    x0 = space.to_x0(batch["thin"], batch["cond"])
+
+    def model(x, tt, **kw):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x, tt, **kw)
+
+    return diffusion.training_losses(model, x0, t, noise, cond=space.condition(batch["cond"]), spacing=batch["spacing"])
+
+
+def check_crop(cfg: Config, multiple: int) -> None:
+    t = cfg.unet_train
+    for name, size in (("crop_size", t.crop_size), ("val_crop", t.val_crop)):
+        if size is not None and any(s % multiple for s in size):
+            raise ConfigError(f"unet_train.{name} {tuple(size)} must be a multiple of {multiple} "
+                              f"(2 ** (len(channel_mult) - 1)) on every axis")
+
+
+def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, autoencoder: Path | None = None,
+          stop_after: int | None = None) -> dict:
+    ctx = init_distributed()
+    tc = cfg.unet_train
+    out_dir = Path(out_dir)
+    torch.manual_seed(tc.seed * 1000 + ctx.rank)
+    bf16 = use_bf16(ctx.device, cfg)
+
+    index = read_index(latents)
+    train_cases = load_latent_cases(latents, "train")
+    if not train_cases:
+        raise FileNotFoundError(f"{latents}/index.json lists no training case")
+    val_cases = load_latent_cases(latents, "val")[: tc.val_max_cases]
+    model = build_unet(cfg, train_cases[0].thin.shape[0]).to(ctx.device)
+    check_crop(cfg, model.multiple)
+    diffusion = build_diffusion(cfg)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, tc.max_steps))
+
+    ckpts = Checkpoints(out_dir / "checkpoints", tc.keep_last)
+    step, best = 0, float("-inf")
+    space = LatentSpace.fit(train_cases, cfg.diffusion.residual)
+    latest, resume_rng = ckpts.latest(), None
+    if latest is not None:
+        state = load_checkpoint(latest)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best = state["step"], state["best_psnr"]
+        space = LatentSpace.from_state(state["latent_space"])
+        resume_rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
+
+    net = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
+    crops = RandomLatentCrops(train_cases, tc.crop_size, tc.samples_per_case, tc.seed,
+                              min_length=ctx.world * tc.batch_size)
+    sampler = ResumableDistributedSampler(crops, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=tc.seed)
+    loader = DataLoader(crops, batch_size=tc.batch_size, sampler=sampler, drop_last=True, num_workers=tc.num_workers,
+                        pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
+    per_epoch = sampler.num_samples // tc.batch_size
+    micro = step * tc.grad_accum
+    epoch = micro // per_epoch
+    sampler.set_position(epoch, (micro % per_epoch) * tc.batch_size)
+    crops.set_epoch(epoch)
+    batches = iter(loader)
+
+    ae, vcrops = None, []
+    if val_cases:
+        ae, _ = load_autoencoder(autoencoder or index["ae_checkpoint"], ctx.device)
+        vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, ae.compression)
+    val_sampler = make_sampler(cfg.diffusion.sampler, diffusion, **({"eta": cfg.diffusion.eta}
+                                                                    if cfg.diffusion.sampler == "ddim" else {}))
+
+    writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
+    history_path = out_dir / "history.jsonl"
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(f"latent U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+              f"{len(crops.cases)} train case(s) ({', '.join(crops.skipped) or 'none'} smaller than the crop), "
+              f"{len(vcrops)} val crop(s), world {ctx.world}, device {ctx.device}, bf16 {bf16}, "
+              f"{'residual' if space.residual else 'direct'} target, starting at step {step}", flush=True)
+        if not vcrops:
+            print("no val case in the latent index: validation and best-checkpoint selection are skipped", flush=True)
+        if history_path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [l for l in history_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+            history_path.write_text("".join(l + "\n" for l in kept))
+    first_step = step
+    stop = StopFlag()
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not ctx.is_main, unit="step", dynamic_ncols=True)
+    t_last, steps_since = time.time(), 0
+    buckets = torch.zeros(2, BUCKETS, dtype=torch.float64)  # per-bucket loss sums and counts since the last log
+    losses = []
+    if resume_rng is not None:  # last: building the autoencoder and the loader above draws random numbers
+        set_rng_state(resume_rng)
+
+    def save():
+        rngs = gather_rng(ctx)
+        if ctx.is_main:
+            ckpts.save(step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                              "sched": sched.state_dict(), "best_psnr": best, "rng": rngs,
+                              "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
+                              "ae_fingerprint": index["ae_fingerprint"]})
+        ctx.barrier()
+
+    while step < tc.max_steps:
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for m in range(tc.grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                epoch += 1
+                sampler.set_position(epoch, 0)
+                crops.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            t = torch.randint(0, diffusion.num_steps, (tc.batch_size,)).to(ctx.device)
+            noise = torch.randn(batch["thin"].shape).to(ctx.device)
+            with no_sync(net, m < tc.grad_accum - 1):
+                per_sample = diffusion_loss(net, diffusion, space, batch, t, noise, bf16)
+                (per_sample.mean() / tc.grad_accum).backward()
+            loss_sum += float(per_sample.detach().mean()) / tc.grad_accum
+            b = (t.cpu() * BUCKETS // diffusion.num_steps)
+            buckets[0].index_add_(0, b, per_sample.detach().double().cpu())
+            buckets[1].index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+        step += 1
+        steps_since += 1
+        losses.append(loss_sum)
+        if ctx.is_main:
+            with open(history_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": round(loss_sum, 7), "grad_norm": round(grad_norm, 5)}) + "\n")
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            totals = ctx.all_reduce_sum(buckets.clone()).cpu()
+            buckets.zero_()
+            if ctx.is_main:
+                now = time.time()
+                rate = steps_since / max(1e-9, now - t_last)
+                t_last, steps_since = now, 0
+                writer.add_scalar("loss/train", loss_sum, step)
+                for k in range(BUCKETS):
+                    if totals[1, k] > 0:
+                        writer.add_scalar(f"loss_by_t/{k * diffusion.num_steps // BUCKETS:04d}",
+                                          float(totals[0, k] / totals[1, k]), step)
+                writer.add_scalar("lr", sched.get_last_lr()[0], step)
+                writer.add_scalar("grad_norm", grad_norm, step)
+                writer.add_scalar("perf/steps_per_s", rate, step)
+                samples = rate * tc.batch_size * tc.grad_accum * ctx.world
+                writer.add_scalar("perf/samples_per_s", samples, step)
+                writer.add_scalar("perf/latent_voxels_per_s", samples * batch["thin"][0, 0].numel(), step)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{rate:.2f}")
+        if vcrops and (step % tc.val_every == 0 or step == tc.max_steps):
+            ema.module.eval()
+            metrics, panel = validate(ema.module, ae, space, val_sampler, vcrops, tc.val_sample_steps,
+                                      tuple(cfg.data.hu_window), ctx, bf16)
+            if ctx.is_main:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+                if panel is not None:
+                    writer.add_image("val/truth|ours|error", panel, step)
+                with open(out_dir / "val.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+                tqdm.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB (cubic {metrics['psnr_cubic']:.2f}, "
+                           f"autoencoder ceiling {metrics['psnr_ae_ceiling']:.2f})")
+            if metrics["psnr"] > best:
+                best = metrics["psnr"]
+                if ctx.is_main:
+                    ckpts.save_as("best.pt", {"step": step, "ema": ema.module.state_dict(), "val": metrics,
+                                              "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
+                                              "latent_channels": model.latent_channels,
+                                              "ae_fingerprint": index["ae_fingerprint"]})
+        halt = ctx.all_reduce_max(float(stop.stop)) > 0 or (stop_after is not None and step - first_step >= stop_after)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or halt:
+            save()
+        if halt:
+            if ctx.is_main:
+                why = "by signal" if stop.stop else f"after {stop_after} steps (--stop-after)"
+                tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
+            break
+    bar.close()
+    result = {"step": step, "best_psnr": best, "last_losses": losses[-5:]}
+    if ctx.distributed:
+        digests = [None] * ctx.world
+        torch.distributed.all_gather_object(digests, params_digest(model))
+        result["ranks_identical"] = len(set(digests)) == 1
+    if ctx.is_main:
+        writer.close()
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    cleanup()
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the latent diffusion U-Net on pre-encoded latents "
+                                            "(python or torchrun --nproc_per_node=N).")
+    p.add_argument("--config", required=True, type=Path, help="YAML with unet/diffusion/unet_train sections")
+    p.add_argument("--latents", required=True, type=Path, help="latent folder (train/generate_training_latent.py)")
+    p.add_argument("--output", required=True, type=Path, help="run folder; rerunning resumes from its latest checkpoint")
+    p.add_argument("--cache", type=Path, default=None, help="prepared dataset for validation truth "
+                                                            "(default: the one named in the latent index)")
+    p.add_argument("--autoencoder", type=Path, default=None, help="autoencoder checkpoint for validation decoding "
+                                                                  "(default: the one named in the latent index)")
+    p.add_argument("--max-steps", type=int, default=None, help="override unet_train.max_steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.max_steps is not None:
+            cfg = cfg.model_copy(update={"unet_train": cfg.unet_train.model_copy(update={"max_steps": args.max_steps})})
+        train(cfg, args.latents, args.output, args.cache, args.autoencoder, stop_after=args.stop_after)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

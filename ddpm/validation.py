@@ -1,0 +1,78 @@
+"""Validation of the latent U-Net in image space: sample, decode, score in HU against the truth.
+
+Each val case contributes a fixed latent crop (its centre, `val_crop`), sampled from fixed noise so
+the curve over training steps compares like with like. Cubic interpolation of the thick scan and
+the autoencoder's own reconstruction of the truth are scored on the same voxels: the floor to beat
+and the ceiling the autoencoder allows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataset.cache import load_case
+from dataset.intensity import hu_to_unit, unit_to_hu
+from ddpm.generate import sample_thin_latent
+from ddpm.latent_data import LatentCase, LatentSpace
+from ddpm.latents import thick_on_thin_grid
+from thinslice.images import midplane_panel
+from thinslice.metrics import psnr
+
+
+@dataclass
+class ValCrop:
+    case_id: str
+    thin: torch.Tensor  # (1, C, x, y, z) latent crop
+    cond: torch.Tensor
+    spacing: torch.Tensor  # (1, 2)
+    truth_hu: torch.Tensor  # (1, 1, X, Y, Z) image crop
+    cubic_hu: torch.Tensor
+
+
+def centre_start(shape, size) -> tuple[int, ...]:
+    return tuple(max(0, (s - c) // 2) for s, c in zip(shape, size))
+
+
+def val_crops(cases: list[LatentCase], cache: Path, size, compression) -> list[ValCrop]:
+    out = []
+    for c in cases:
+        shape = c.thin.shape[1:]
+        size_c = tuple(shape) if size is None else tuple(min(a, b) for a, b in zip(size, shape))
+        start = centre_start(shape, size_c)
+        lat = (slice(None),) + tuple(slice(s, s + k) for s, k in zip(start, size_c))
+        case = load_case(Path(cache) / "cases" / c.case_id)
+        img = tuple(slice(s * f, (s + k) * f) for s, k, f in zip(start, size_c, compression))
+        truth = np.asarray(case.thin.array, dtype=np.float32)[img]
+        cubic = thick_on_thin_grid(case.thick, case.thin)[img]
+        out.append(ValCrop(c.case_id, c.thin[lat][None], c.cond[lat][None], c.spacing[None],
+                           torch.from_numpy(np.ascontiguousarray(truth))[None, None],
+                           torch.from_numpy(np.ascontiguousarray(cubic))[None, None]))
+    return out
+
+
+@torch.no_grad()
+def validate(net, ae, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, window, ctx, bf16: bool):
+    """Crops sharded over ranks, sums all-reduced: every rank returns the same figures."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    panel = None
+    for k, vc in enumerate(crops):
+        if k % ctx.world != ctx.rank:
+            continue
+        gen = torch.Generator().manual_seed(1234 + k)
+        z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16)
+        shape = vc.truth_hu.shape[2:]
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            ours = ae.decode_volume(z, shape=shape).float().cpu()
+            recon = ae.decode_volume(vc.thin.to(ctx.device), shape=shape).float().cpu()
+        ours_hu, recon_hu = unit_to_hu(ours, window), unit_to_hu(recon, window)
+        sums += torch.tensor([psnr(ours_hu, vc.truth_hu), psnr(vc.cubic_hu, vc.truth_hu),
+                              psnr(recon_hu, vc.truth_hu), 1.0], dtype=torch.float64)
+        if panel is None:
+            panel = midplane_panel(hu_to_unit(vc.truth_hu[0, 0], window), ours[0, 0])
+    sums = ctx.all_reduce_sum(sums).cpu()
+    n = max(1.0, float(sums[3]))
+    return {"psnr": float(sums[0]) / n, "psnr_cubic": float(sums[1]) / n, "psnr_ae_ceiling": float(sums[2]) / n,
+            "cases": int(sums[3])}, panel
