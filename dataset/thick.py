@@ -63,3 +63,27 @@ def thin_grid(thick: CTVolume, thin_spacing: float, slab_thickness: float | None
     index_map[2, 2] = thin_spacing / S
     index_map[2, 3] = (thin_spacing / 2 - T / 2) / S
     return thick.affine @ index_map, n
+
+
+def grid_slab_weights(n_thin: int, thin_spacing: float, thick: CTVolume, slab_thickness: float | None = None):
+    """Weights of the thin_grid() slices in each of the thick scan's slabs (rows: the slabs the grid
+    covers entirely, at most thick.shape[2])."""
+    T = float(slab_thickness or thick.thickness)
+    W, _ = slab_weights(n_thin, thin_spacing, T, thick.slice_spacing)
+    return W[: thick.shape[2]]
+
+
+def slab_residual(thin: np.ndarray, thick: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """thick - (thin averaged over each slab), (X, Y, K) in HU: what the output fails to explain."""
+    return thick[..., : W.shape[0]].astype(np.float64) - np.tensordot(thin.astype(np.float64), W, axes=([2], [1]))
+
+
+def enforce_slab_consistency(thin: np.ndarray, thick: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """The closest volume (least squares, per voxel column) whose slab averages equal the thick scan.
+
+    thin + W^T (W W^T)^-1 r, r the slab residual: for disjoint slabs every thin slice of slab k
+    moves by slab k's residual; overlapping or fractional slabs share it by their weights.
+    """
+    r = slab_residual(thin, thick, W)
+    correction = np.tensordot(r, np.linalg.solve(W @ W.T, W), axes=([2], [0]))
+    return (thin + correction).astype(np.float32)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
 
 from ddpm.latent_data import LatentSpace
 from ddpm.samplers import Sampler
+from thinslice.checkpoint import load_checkpoint
+from thinslice.config import Config
 
 
 def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -17,18 +20,59 @@ def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return z, shape
 
 
+def whole_volume_denoiser(net, bf16: bool = False):
+    def model(x, t, cond, spacing):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x, t, cond, spacing).float()
+
+    return model
+
+
+def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: int = 4, bf16: bool = False):
+    """The network applied over latent windows (MONAI sliding window, Gaussian blending) at every
+    denoising step, so whole scans sample in bounded memory. Batch size 1 (one scan at a time)."""
+
+    def model(x, t, cond, spacing):
+        channels = x.shape[1]
+
+        def predictor(win):
+            n = win.shape[0]
+            with torch.autocast(win.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = net(win[:, :channels], t[:1].expand(n), win[:, channels:], spacing[:1].expand(n, -1))
+            return out.float()
+
+        roi = tuple(min(w, s) for w, s in zip(window, x.shape[2:]))
+        return sliding_window_inference(torch.cat([x, cond], dim=1), roi, sw_batch_size, predictor, overlap=overlap,
+                                        mode="gaussian", padding_mode="replicate")
+
+    return model
+
+
 @torch.no_grad()
 def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Tensor, spacing: torch.Tensor,
-                       steps: int, generator: torch.Generator | None = None, bf16: bool = False, progress=None):
-    """cond: (B, C, X, Y, Z) unscaled condition latent; spacing: (B, 2) mm. Returns the thin latent."""
+                       steps: int, generator: torch.Generator | None = None, bf16: bool = False, progress=None,
+                       denoiser=None):
+    """cond: (B, C, X, Y, Z) unscaled condition latent; spacing: (B, 2) mm. Returns the thin latent.
+
+    `denoiser` (default: the whole volume at once) wraps the network, e.g. sliding_window_denoiser."""
     c, shape = pad_to_multiple(space.condition(cond), net.multiple)
     noise = torch.randn(c.shape, generator=generator, device="cpu").to(c.device)
-
-    def model(x, t, **kw):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return net(x, t, **kw).float()
-
+    model = denoiser or whole_volume_denoiser(net, bf16)
     x0 = sampler.sample(model, c.shape, steps, generator=generator, device=c.device, noise=noise,
                         progress=progress, cond=c, spacing=spacing.to(c.device))
     x0 = x0[(slice(None), slice(None)) + tuple(slice(0, s) for s in shape)]
     return space.to_thin(x0, cond)
+
+
+def load_unet(path, device="cpu"):
+    """The EMA weights of a U-Net checkpoint (best.pt or a step checkpoint): (net, latent space, config)."""
+    from ddpm.trainer import build_unet
+
+    state = load_checkpoint(path)
+    cfg = Config.model_validate(state["config"])
+    weights = state["ema"]
+    if "n_averaged" in weights:  # a step checkpoint holds the AveragedModel's own state dict
+        weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
+    net = build_unet(cfg, state["latent_channels"])
+    net.load_state_dict(weights)
+    return net.to(device).eval(), LatentSpace.from_state(state["latent_space"]), cfg, state

@@ -68,7 +68,7 @@ def check_crop(cfg: Config, multiple: int) -> None:
     for name, size in (("crop_size", t.crop_size), ("val_crop", t.val_crop)):
         if size is not None and any(s % multiple for s in size):
             raise ConfigError(f"unet_train.{name} {tuple(size)} must be a multiple of {multiple} "
-                              f"(2 ** (len(channel_mult) - 1)) on every axis")
+                              f"(down-sampling levels and attention windows) on every axis")
 
 
 def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, autoencoder: Path | None = None,
@@ -154,7 +154,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
             ckpts.save(step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                               "sched": sched.state_dict(), "best_psnr": best, "rng": rngs,
                               "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
-                              "ae_fingerprint": index["ae_fingerprint"]})
+                              "latent_channels": model.latent_channels, "ae_fingerprint": index["ae_fingerprint"]})
         ctx.barrier()
 
     while step < tc.max_steps:

@@ -106,6 +106,7 @@ class LatentUNet(nn.Module):
         self.latent_channels = latent_channels
         self.grad_checkpoint = grad_checkpoint
         self.levels = len(channel_mult)
+        self.attention_levels, self.window = tuple(attention_levels), window
         emb_dim = 4 * model_channels
         self.model_channels = model_channels
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -144,8 +145,9 @@ class LatentUNet(nn.Module):
 
     @property
     def multiple(self) -> int:
-        """Latent sizes must be a multiple of this (down-sampling levels)."""
-        return 2 ** (self.levels - 1)
+        """Latent sizes must be a multiple of this: the down-sampling levels, and the attention window
+        at every level that has window attention."""
+        return math.lcm(2 ** (self.levels - 1), *(self.window * 2 ** lvl for lvl in self.attention_levels))
 
     def _run(self, blocks, h, emb):
         for blk in blocks:

@@ -222,6 +222,22 @@ class UNetTrainConfig(_Strict):
     keep_last: int = Field(3, gt=0)
 
 
+class InterpolateConfig(_Strict):
+    """evaluation/interpolate.py: which weights, which output grid, how to sample."""
+
+    autoencoder: str = "pretrained/autoencoder.pt"
+    unet: str = "pretrained/unet.pt"
+    spacing_mm: float = Field(1.0, gt=0)  # output slice spacing
+    sample_steps: int | None = Field(None, gt=0)  # None: diffusion.sample_steps of the U-Net checkpoint
+    sampler: Literal["ddim", "ddpm"] | None = None
+    samples: int = Field(1, gt=0)  # > 1: mean as output, per-voxel std as an uncertainty map
+    seed: int = 0
+    window: tuple[int, int, int] = (32, 32, 16)  # latent sliding window, multiples of the U-Net's 2**(levels-1)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(4, gt=0)
+    consistency: bool = True  # project the output so each slab's average equals the thick slice
+
+
 class Config(_Strict):
     data: DataConfig = DataConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
@@ -230,6 +246,7 @@ class Config(_Strict):
     unet: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     unet_train: UNetTrainConfig = UNetTrainConfig()
+    interpolate: InterpolateConfig = InterpolateConfig()
 
 
 def _describe(err: dict, model: type[BaseModel]) -> str:

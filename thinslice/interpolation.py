@@ -1,0 +1,129 @@
+"""Thick scan -> thin scan: the whole method behind evaluation/interpolate.py.
+
+The output grid exactly tiles the thick scan's slabs (dataset.thick.thin_grid): in-plane geometry
+unchanged, slices `spacing` apart, the first starting half a slice inside the first slab. The thick
+scan is resampled onto that grid (cubic), encoded patch-wise, the thin latent is sampled with the
+U-Net applied in overlapping latent windows at every step, decoded chunk-wise, and finally
+projected so every slab's average equals the measured thick slice (the consistency step).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from AutoEncoder.evaluate import load_autoencoder
+from AutoEncoder.model import PatchVolumeAutoencoder
+from dataset.intensity import hu_to_unit, unit_to_hu
+from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
+from dataset.volume import CTVolume
+from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
+from ddpm.latents import file_fingerprint
+from ddpm.samplers import make_sampler
+from ddpm.trainer import build_diffusion
+from thinslice.config import InterpolateConfig
+
+
+@dataclass
+class ThinGrid:
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: float
+    weights: np.ndarray  # (slabs, slices): each slab's average over the grid's slices
+
+
+def output_grid(thick: CTVolume, spacing: float) -> ThinGrid:
+    if spacing >= thick.slice_spacing:
+        raise ValueError(f"output spacing {spacing:g} mm is not finer than the input's {thick.slice_spacing:g} mm")
+    affine, n = thin_grid(thick, spacing)
+    return ThinGrid(affine, thick.shape[:2] + (n,), spacing, grid_slab_weights(n, spacing, thick))
+
+
+def resample(thick: CTVolume, grid: ThinGrid, order: int) -> np.ndarray:
+    """scipy spline interpolation of the thick scan at the grid's voxel centres (order 1 linear, 3 cubic)."""
+    m = np.linalg.inv(thick.affine) @ grid.affine
+    return ndimage.affine_transform(np.asarray(thick.array, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
+                                    output_shape=grid.shape, order=order, mode="nearest")
+
+
+@dataclass
+class Models:
+    autoencoder: PatchVolumeAutoencoder
+    unet: torch.nn.Module
+    space: object
+    diffusion: object
+    window: tuple[float, float]  # HU window of the autoencoder
+    unet_config: object
+    device: torch.device
+
+    @classmethod
+    def load(cls, autoencoder: str | Path, unet: str | Path, device) -> "Models":
+        for what, path in (("autoencoder", autoencoder), ("U-Net", unet)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{what} checkpoint not found: {path} (train one, or put the shipped weights "
+                                        f"in pretrained/, see pretrained/README.md)")
+        ae, ae_state = load_autoencoder(autoencoder, device)
+        net, space, cfg, state = load_unet(unet, device)
+        expected = state.get("ae_fingerprint")
+        if expected and expected != file_fingerprint(autoencoder):
+            raise ValueError(f"{unet} was trained on latents of another autoencoder than {autoencoder} "
+                             f"(fingerprint {expected} vs {file_fingerprint(autoencoder)})")
+        return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device)
+
+
+@dataclass
+class Interpolation:
+    grid: ThinGrid
+    cubic: np.ndarray  # HU on the grid; the condition
+    mean: np.ndarray  # ours before the consistency step (mean over samples)
+    std: np.ndarray | None
+    output: np.ndarray  # what is written: consistent (if enabled), float HU
+    seconds: dict = field(default_factory=dict)
+
+
+def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> Interpolation:
+    dev, bf16 = models.device, models.device.type == "cuda"
+    t0 = time.perf_counter()
+    grid = output_grid(thick, cfg.spacing_mm)
+    cubic = resample(thick, grid, order=3)
+    x = hu_to_unit(torch.from_numpy(cubic), models.window)[None, None].to(dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        cond = models.autoencoder.encode_volume(x).float()
+    del x
+    t_enc = time.perf_counter()
+    d = models.unet_config.diffusion
+    name = cfg.sampler or d.sampler
+    sampler = make_sampler(name, models.diffusion, **({"eta": d.eta} if name == "ddim" else {}))
+    steps = cfg.sample_steps or d.sample_steps
+    spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
+    denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
+    total = total_sq = None
+    for s in range(cfg.samples):
+        gen = torch.Generator().manual_seed(cfg.seed + s)
+        bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
+        z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()
+        hu = unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
+        total = hu if total is None else total + hu
+        total_sq = hu * hu if total_sq is None else total_sq + hu * hu
+    mean = (total / cfg.samples).astype(np.float32)
+    std = np.sqrt(np.clip(total_sq / cfg.samples - (total / cfg.samples) ** 2, 0, None)).astype(np.float32) \
+        if cfg.samples > 1 else None
+    t_sample = time.perf_counter()
+    output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
+    t_end = time.perf_counter()
+    return Interpolation(grid, cubic, mean, std, output,
+                         {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
+                          "total": t_end - t0})
+
+
+def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -> dict:
+    """How far the slab averages of a thin volume are from the thick scan, in HU."""
+    r = np.abs(slab_residual(thin_hu, np.asarray(thick.array), grid.weights))
+    return {"mean_abs_hu": float(r.mean()), "max_abs_hu": float(r.max())}
