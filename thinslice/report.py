@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 
 from thinslice.atomic import atomic_path, write_json, write_text
-from thinslice.metrics import FULL_WINDOW, LUNG_WINDOW, mae_hu, psnr, ssim_axial
+from thinslice.metrics import LUNG_WINDOW, mae_hu, psnr, ssim_axial
 
 METRICS = ("psnr", "psnr_lung", "ssim", "mae_hu", "lung_bias_hu")
 
@@ -44,8 +44,7 @@ def scored_slices(n_slices: int, weights: np.ndarray) -> slice:
 def score(pred_hu: np.ndarray, truth_hu: np.ndarray, lungs: np.ndarray) -> dict:
     p = torch.from_numpy(np.ascontiguousarray(pred_hu, dtype=np.float32))[None, None]
     t = torch.from_numpy(np.ascontiguousarray(truth_hu, dtype=np.float32))[None, None]
-    lo, hi = FULL_WINDOW
-    bias = float((np.clip(pred_hu, lo, hi) - np.clip(truth_hu, lo, hi))[lungs].mean()) if lungs.any() else math.nan
+    bias = float((pred_hu.astype(np.float64) - truth_hu)[lungs].mean()) if lungs.any() else math.nan
     return {"psnr": psnr(p, t), "psnr_lung": psnr(p, t, LUNG_WINDOW), "ssim": ssim_axial(p, t),
             "mae_hu": mae_hu(p, t), "lung_bias_hu": bias}
 

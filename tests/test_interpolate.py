@@ -1,0 +1,177 @@
+"""Interpolation: output geometry, slab consistency, sliding-window sampling, metrics, the CLI end to end."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from dataset.intensity import to_int16_hu
+from dataset.thick import enforce_slab_consistency, simulate_thick
+from dataset.volume import CTVolume
+from ddpm.generate import sample_thin_latent, sliding_window_denoiser, whole_volume_denoiser
+from ddpm.latent_data import LatentSpace
+from ddpm.latents import file_fingerprint
+from ddpm.samplers import DDIMSampler
+from ddpm.trainer import build_diffusion, build_unet
+from thinslice.config import Config
+from thinslice.interpolate_cli import main
+from thinslice.interpolation import consistency_residual, output_grid, resample
+from thinslice.report import lung_mask, score
+
+from conftest import THICK
+
+
+def oblique_thick(shape=(37, 29, 7), spacing=5.0) -> CTVolume:
+    """An LPS-flipped, slightly rotated scan with odd sizes: nothing about the affine is diagonal."""
+    a = np.deg2rad(7.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-0.7, -0.9, spacing])
+    affine[:3, 3] = [120.0, -33.0, -410.0]
+    return CTVolume(np.zeros(shape, np.float32), affine, slice_thickness=spacing)
+
+
+@pytest.mark.parametrize("spacing,per_slab", [(1.0, 5), (1.25, 4), (2.5, 2)])
+def test_output_grid_tiles_each_slab_with_unchanged_in_plane_geometry(spacing, per_slab):
+    thick = oblique_thick()
+    grid = output_grid(thick, spacing)
+    assert grid.shape == (37, 29, 7 * per_slab)
+    np.testing.assert_allclose(grid.affine[:3, :2], thick.affine[:3, :2])  # in-plane unchanged
+    np.testing.assert_allclose(np.linalg.norm(grid.affine[:3, 2]), spacing)
+    np.testing.assert_allclose(grid.affine[:3, 2] / spacing, thick.affine[:3, 2] / 5.0)  # same slice direction
+    centres = thick.affine @ np.array([[0, 0, k, 1.0] for k in range(7)]).T
+    thin = grid.affine @ np.array([[0, 0, j, 1.0] for j in range(grid.shape[2])]).T
+    for k in range(7):  # every slab's thin slices centre on the thick slice, spread +-(T - s)/2 around it
+        mine = thin[:3, k * per_slab:(k + 1) * per_slab]
+        np.testing.assert_allclose(mine.mean(axis=1), centres[:3, k], atol=1e-6)
+        offsets = np.linalg.norm(mine - centres[:3, k:k + 1], axis=0)
+        np.testing.assert_allclose(offsets.max(), (5.0 - spacing) / 2, atol=1e-6)
+        if per_slab % 2 == 0:
+            assert offsets.min() > 0.1  # an even count puts no thin slice on the slab centre
+    assert np.allclose(grid.weights.sum(axis=1), 1) and grid.weights.shape == (7, 7 * per_slab)
+    with pytest.raises(ValueError, match="not finer"):
+        output_grid(thick, 5.0)
+
+
+def test_consistency_step_brings_real_ct_within_1_hu_of_the_thick_scan(chest):
+    thick = simulate_thick(chest, 5.0, 5.0)
+    grid = output_grid(thick, 1.0)
+    cubic = resample(thick, grid, order=3)
+    before = consistency_residual(cubic, thick, grid)
+    fixed = to_int16_hu(enforce_slab_consistency(cubic, thick.array, grid.weights)).astype(np.float32)
+    after = consistency_residual(fixed, thick, grid)
+    assert before["mean_abs_hu"] > 2  # cubic alone does not reproduce the slab averages
+    assert after["mean_abs_hu"] < 0.3 and after["max_abs_hu"] < 1.0  # int16 rounding only
+    assert np.abs(fixed - cubic).mean() < before["mean_abs_hu"] * 1.01  # the least change that fixes it
+
+
+class Pointwise(torch.nn.Module):
+    """A 1x1x1 network with the U-Net's interface: any window placement must give the same output."""
+
+    multiple = 4
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = torch.nn.Conv3d(8, 4, 1)
+
+    def forward(self, x, t, cond, spacing):
+        return self.mix(torch.cat([x, cond], 1)) * (1 + t.float()[:, None, None, None, None] / 1000) * spacing[:, :1, None, None, None]
+
+
+@pytest.mark.parametrize("window,overlap", [((8, 8, 8), 0.25), ((12, 4, 8), 0.5), ((20, 20, 12), 0.0)])
+def test_sliding_window_result_does_not_depend_on_window_placement(window, overlap):
+    net = Pointwise()
+    x, cond = torch.randn(1, 4, 20, 16, 12), torch.randn(1, 4, 20, 16, 12)
+    t, spacing = torch.tensor([500]), torch.tensor([[5.0, 1.0]])
+    with torch.no_grad():
+        whole = whole_volume_denoiser(net)(x, t, cond, spacing)
+        slid = sliding_window_denoiser(net, window, overlap, sw_batch_size=3)(x, t, cond, spacing)
+    torch.testing.assert_close(slid, whole, rtol=1e-5, atol=1e-5)
+    space = LatentSpace(0.5, True, 2.0)
+    sampler = DDIMSampler(build_diffusion(Config()))
+    a = sample_thin_latent(net, space, sampler, cond, spacing, 4, torch.Generator().manual_seed(0))
+    b = sample_thin_latent(net, space, sampler, cond, spacing, 4, torch.Generator().manual_seed(0),
+                           denoiser=sliding_window_denoiser(net, window, overlap))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_metrics_agree_with_hand_computation(chest):
+    truth = np.asarray(chest.array[:, :, 20:36], dtype=np.float32)
+    pred = truth + np.random.default_rng(0).normal(0, 40, truth.shape).astype(np.float32)
+    lungs = lung_mask(truth)
+    assert 0.05 < lungs.mean() < 0.9  # the crop holds lung, and the outside air is not counted as lung
+    m = score(pred, truth, lungs)
+
+    def unit(v, lo, hi):
+        return (np.clip(v, lo, hi) - lo) / (hi - lo)
+
+    mse = np.mean((unit(pred, -1024, 2048) - unit(truth, -1024, 2048)) ** 2)
+    assert m["psnr"] == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
+    mse_lung = np.mean((unit(pred, -1000, 400) - unit(truth, -1000, 400)) ** 2)
+    assert m["psnr_lung"] == pytest.approx(10 * np.log10(1 / mse_lung), abs=1e-3)
+    assert m["mae_hu"] == pytest.approx(np.abs(np.clip(pred, -1024, 2048) - np.clip(truth, -1024, 2048)).mean(), rel=1e-5)
+    assert m["lung_bias_hu"] == pytest.approx(float((pred - truth)[lungs].mean()), abs=1e-3)
+    ssim = np.mean([structural_similarity(unit(truth[..., k], -1024, 2048), unit(pred[..., k], -1024, 2048),
+                                          data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+                    for k in range(truth.shape[2])])
+    assert m["ssim"] == pytest.approx(ssim, abs=0.02)  # MONAI and scikit-image differ only at the borders
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_ae_checkpoint, tmp_path_factory):
+    """A tiny untrained U-Net checkpoint in the best.pt layout, bound to the tiny autoencoder."""
+    cfg = Config.model_validate({"unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                          "attention_levels": [1], "window": 2, "heads": 2, "global_depth": 1},
+                                 "diffusion": {"sample_steps": 2},
+                                 "interpolate": {"window": [16, 16, 8]}})
+    torch.manual_seed(0)
+    net = build_unet(cfg, 8)
+    path = tmp_path_factory.mktemp("unet") / "unet.pt"
+    torch.save({"ema": net.state_dict(), "config": cfg.model_dump(mode="json"), "latent_channels": 8,
+                "latent_space": LatentSpace(2.0, True, 4.0).state_dict(),
+                "ae_fingerprint": file_fingerprint(tiny_ae_checkpoint), "step": 0}, path)
+    return tiny_ae_checkpoint, path
+
+
+def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic(weights, bundled_cache, tmp_path, capsys):
+    ae, unet = weights
+    out = tmp_path / "out"
+    assert main(["--split", "test", "--cache", str(bundled_cache), "--output", str(out), "--autoencoder", str(ae),
+                 "--unet", str(unet), "--samples", "2"]) == 0
+    name = "thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"
+    img = nib.load(out / f"{name}.nii.gz")
+    truth = nib.load(bundled_cache / "cases" / name / "thin.nii")
+    assert img.get_data_dtype() == np.int16 and img.shape == truth.shape == (256, 256, 80)
+    np.testing.assert_allclose(img.affine, truth.affine, atol=1e-5)  # lands on the truth's own grid
+    assert nib.load(out / f"{name}_std.nii.gz").shape == img.shape
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 7 and {r.split(",")[1] for r in rows[1:]} == {
+        "ours", "ours + consistency", "linear", "linear + consistency", "cubic", "cubic + consistency"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["cubic"]["psnr"] > 30  # real chest CT: cubic is a strong baseline
+    assert summary["methods"]["ours + consistency"]["consistency_mean_abs_hu"] < 0.5
+    assert summary["methods"]["cubic"]["consistency_mean_abs_hu"] > 1
+    case = json.loads((out / "cases.json").read_text())[0]
+    assert case["consistency_residual"]["max_abs_hu"] < 1.0 and case["peak_rss_gb"] > 0
+    assert (out / f"{name}.png").stat().st_size > 10_000 and "| cubic |" in (out / "report.md").read_text()
+    assert "first and last slab" in (out / "report.md").read_text()
+
+
+def test_cli_takes_a_thick_nifti_and_names_bad_inputs(weights, tmp_path, capsys):
+    ae, unet = weights
+    out = tmp_path / "out"
+    code = main(["--input", str(THICK), str(tmp_path / "missing.nii.gz"), "--output", str(out), "--autoencoder", str(ae),
+                 "--unet", str(unet), "--spacing", "2.5"])
+    assert code == 2  # one input failed; the other was still written
+    assert "missing.nii.gz: no such file or folder" in capsys.readouterr().err
+    img = nib.load(out / "elastix-3dct-lung_chest_5mm-downsampled.nii.gz")
+    thick = nib.load(THICK)
+    assert img.shape == thick.shape[:2] + (thick.shape[2] * 2,) and np.allclose(img.header.get_zooms(), (2.732, 2.732, 2.5), atol=1e-3)
+    assert main(["--input", str(THICK), "--output", str(out), "--autoencoder", str(tmp_path / "none.pt"),
+                 "--unet", str(unet)]) == 2
+    assert "autoencoder checkpoint not found" in capsys.readouterr().err
+    assert main(["--split", "test", "--output", str(out), "--autoencoder", str(ae), "--unet", str(unet)]) == 2
+    assert "--split needs --cache" in capsys.readouterr().err
