@@ -295,6 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
     p.add_argument("--output", required=True, type=Path, help="run folder; rerunning resumes from its latest checkpoint")
     p.add_argument("--max-steps", type=int, default=None, help="override ae_train.max_steps")
+    p.add_argument("--init-from", type=Path, default=None, help="stage 2: override ae_train.init_from (stage-1 checkpoint)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
     return p.parse_args(argv)
@@ -304,8 +305,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
-        if args.max_steps is not None:
-            cfg = cfg.model_copy(update={"ae_train": cfg.ae_train.model_copy(update={"max_steps": args.max_steps})})
+        updates = {"max_steps": args.max_steps, "init_from": args.init_from and str(args.init_from)}
+        updates = {k: v for k, v in updates.items() if v is not None}
+        if updates:
+            cfg = cfg.model_copy(update={"ae_train": cfg.ae_train.model_copy(update=updates)})
         train(cfg, args.cache, args.output, stop_after=args.stop_after)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

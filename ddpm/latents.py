@@ -121,14 +121,18 @@ def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failure
     return index
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Encode every case of a prepared cache into the latent dataset.")
     p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
     p.add_argument("--checkpoint", required=True, type=Path, help="autoencoder checkpoint (stage 2 best.pt)")
     p.add_argument("--output", required=True, type=Path, help="latent folder; reruns skip cases already done")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"],
                    help="encode only these splits (the U-Net trains on train and validates on val)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits))
     except FileNotFoundError as e:

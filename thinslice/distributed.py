@@ -50,6 +50,10 @@ def init_distributed(timeout_minutes: float = 120.0, device: str | None = None) 
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and "LOCAL_RANK" not in os.environ:
+        # A Kubeflow pod without torchrun: WORLD_SIZE/RANK count pods, so this runs one process per pod.
+        print(f"warning: WORLD_SIZE={world} without torchrun: one process per pod, on GPU 0 only; "
+              "start the script with torchrun to use every GPU of the pod", flush=True)
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
