@@ -86,7 +86,10 @@ def write_panel(path: Path, images: dict[str, np.ndarray], spacing, window=(-102
     import matplotlib.pyplot as plt
 
     names = list(images)
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 5.6), squeeze=False)
+    shape = next(iter(images.values())).shape
+    rows_h = [2.6 * shape[2] * spacing[2] / (shape[k] * spacing[k]) for k in (0, 1)]  # true physical aspect
+    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), sum(rows_h) + 1.0), squeeze=False,
+                             gridspec_kw={"height_ratios": rows_h})
     for col, name in enumerate(names):
         v = images[name]
         for row, plane in enumerate((v[:, v.shape[1] // 2, :], v[v.shape[0] // 2, :, :])):
