@@ -7,7 +7,6 @@ fine-tunes the decoder on whole volumes or large crops encoded patch-wise, GAN o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -15,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
@@ -26,10 +24,12 @@ from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split
 from dataset.patches import PatchStream, patch_loader
-from thinslice.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state, warmup_cosine
+from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
 from thinslice.config import AutoencoderConfig, Config, ConfigError, load_config
 from thinslice.distributed import DistContext, cleanup, init_distributed, no_sync
 from thinslice.images import midplane_panel
+from thinslice.run import (add_run_arguments, gather_rng, halt_reason, ranks_identical, trim_history, use_bf16,
+                           with_overrides)
 from thinslice.signals import StopFlag
 
 
@@ -74,20 +74,8 @@ def set_train_mode(model: PatchVolumeAutoencoder, stage: int) -> None:
         model.bottleneck.eval()
 
 
-def use_bf16(device, cfg) -> bool:
-    return cfg.ae_train.bf16 and (device.type == "cuda" or cfg.ae_train.cpu_bf16)
-
-
 def autocast(device, cfg):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg))
-
-
-def params_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.ae_train))
 
 
 def validate(model: PatchVolumeAutoencoder, case_dirs: list[Path], cfg: Config, ctx: DistContext):
@@ -97,7 +85,7 @@ def validate(model: PatchVolumeAutoencoder, case_dirs: list[Path], cfg: Config, 
     sums = torch.zeros(4, dtype=torch.float64)
     panel = None
     for d in case_dirs[ctx.rank::ctx.world]:
-        m, case_panel = reconstruct_case(model, d, cfg.data.hu_window, ctx.device, use_bf16(ctx.device, cfg))
+        m, case_panel = reconstruct_case(model, d, cfg.data.hu_window, ctx.device, use_bf16(ctx.device, cfg.ae_train))
         sums += torch.tensor([m["psnr"], m["psnr_lung"], m["ssim"], 1.0], dtype=torch.float64)
         panel = case_panel if panel is None else panel
     sums = ctx.all_reduce_sum(sums).cpu()
@@ -165,9 +153,8 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
             print("no val cases in the manifest: validation and best-checkpoint selection are skipped", flush=True)
     first_step = step
     history_path = out_dir / "history.jsonl"
-    if ctx.is_main and history_path.exists():  # drop steps a killed run logged after its last checkpoint
-        kept_lines = [l for l in history_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-        history_path.write_text("".join(l + "\n" for l in kept_lines))
+    if ctx.is_main:
+        trim_history(history_path, step)
     stop = StopFlag()
     history = []
     bar = tqdm(total=tc.max_steps, initial=step, disable=not ctx.is_main, unit="step", dynamic_ncols=True)
@@ -259,20 +246,17 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
                 if ctx.is_main:
                     ckpts.save_as("best.pt", {"step": step, "model": model.state_dict(), "val": metrics,
                                               "config": cfg.model_dump(mode="json"), "stage": tc.stage})
-        halt = ctx.all_reduce_max(float(stop.stop)) > 0 or (stop_after is not None and step - first_step >= stop_after)
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps or halt:
+        why = halt_reason(ctx, stop.stop, stop_after, step - first_step)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or why:
             save(gather_rng(ctx))
-        if halt:
+        if why:
             if ctx.is_main:
-                why = "by signal" if stop.stop else f"after {stop_after} steps (--stop-after)"
                 tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
     result = {"step": step, "best_psnr": best, "last_losses": history[-5:]}
     if ctx.distributed:
-        digests = [None] * ctx.world
-        dist.all_gather_object(digests, params_digest(model))
-        result["ranks_identical"] = len(set(digests)) == 1
+        result["ranks_identical"] = ranks_identical(ctx, model)
     if ctx.is_main:
         writer.close()
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -280,35 +264,20 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
     return result
 
 
-def gather_rng(ctx: DistContext) -> list:
-    """Every rank's RNG state, so a resumed run continues each rank's random stream."""
-    if not ctx.distributed:
-        return [rng_state()]
-    states = [None] * ctx.world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the patch-volume autoencoder (stage 1 or 2, set in the config).")
     p.add_argument("--config", required=True, type=Path, help="YAML with data/autoencoder/loss/ae_train sections")
     p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
-    p.add_argument("--output", required=True, type=Path, help="run folder; rerunning resumes from its latest checkpoint")
-    p.add_argument("--max-steps", type=int, default=None, help="override ae_train.max_steps")
+    add_run_arguments(p, "ae_train")
     p.add_argument("--init-from", type=Path, default=None, help="stage 2: override ae_train.init_from (stage-1 checkpoint)")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        updates = {"max_steps": args.max_steps, "init_from": args.init_from and str(args.init_from)}
-        updates = {k: v for k, v in updates.items() if v is not None}
-        if updates:
-            cfg = cfg.model_copy(update={"ae_train": cfg.ae_train.model_copy(update=updates)})
+        cfg = with_overrides(load_config(args.config), "ae_train", max_steps=args.max_steps,
+                             init_from=args.init_from and str(args.init_from))
         train(cfg, args.cache, args.output, stop_after=args.stop_after)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -56,6 +56,15 @@ class CTVolume:
     def with_array(self, array: np.ndarray, affine: np.ndarray | None = None, **kw) -> "CTVolume":
         return replace(self, array=array, affine=self.affine if affine is None else affine, **kw)
 
+    def sample_at(self, affine: np.ndarray, shape, order: int = 3) -> np.ndarray:
+        """Spline interpolation (scipy; order 0 nearest, 1 linear, 3 cubic) at the voxel centres of another
+        grid given by its affine and shape; edge values beyond the volume."""
+        from scipy import ndimage
+
+        m = np.linalg.inv(self.affine) @ affine  # target voxel index -> this volume's voxel index
+        return ndimage.affine_transform(np.asarray(self.array, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
+                                        output_shape=tuple(shape), order=order, mode="nearest")
+
     def to_nifti(self) -> nib.Nifti1Image:
         img = nib.Nifti1Image(self.array, self.affine)
         img.set_qform(self.affine, code=1)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from scipy import ndimage
 from tqdm import tqdm
 
 from AutoEncoder.evaluate import load_autoencoder
@@ -39,10 +38,8 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
-    """Cubic B-spline resampling of the thick scan at the thin voxel centres (edge values beyond)."""
-    m = np.linalg.inv(thick.affine) @ thin.affine  # thin voxel index -> thick voxel index
-    return ndimage.affine_transform(np.asarray(thick.array, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
-                                    output_shape=thin.shape, order=3, mode="nearest")
+    """The condition: cubic B-spline resampling of the thick scan at the thin voxel centres."""
+    return thick.sample_at(thin.affine, thin.shape, order=3)
 
 
 @torch.no_grad()

@@ -80,5 +80,6 @@ class DDPMSampler(Sampler):
         return mean + var**0.5 * torch.randn(x.shape, generator=generator, device=x.device)
 
 
-def make_sampler(name: str, diffusion: GaussianDiffusion, **kw) -> Sampler:
-    return {"ddim": DDIMSampler, "ddpm": DDPMSampler}[name](diffusion, **kw)
+def make_sampler(name: str, diffusion: GaussianDiffusion, eta: float = 0.0, **kw) -> Sampler:
+    """By name; `eta` is DDIM's (DDPM is always fully stochastic)."""
+    return DDIMSampler(diffusion, eta, **kw) if name == "ddim" else DDPMSampler(diffusion, **kw)

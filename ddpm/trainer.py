@@ -21,7 +21,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from AutoEncoder.evaluate import load_autoencoder
-from AutoEncoder.trainer import gather_rng, params_digest
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
                               read_index)
@@ -31,7 +30,9 @@ from ddpm.unet import LatentUNet
 from ddpm.validation import val_crops, validate
 from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
 from thinslice.config import Config, ConfigError, load_config
-from thinslice.distributed import DistContext, cleanup, init_distributed, no_sync
+from thinslice.distributed import cleanup, init_distributed, no_sync
+from thinslice.run import (add_run_arguments, gather_rng, halt_reason, ranks_identical, trim_history, use_bf16,
+                           with_overrides)
 from thinslice.signals import StopFlag
 
 BUCKETS = 10  # loss by timestep bucket: t in [0, 100), [100, 200), ...
@@ -46,10 +47,6 @@ def build_unet(cfg: Config, latent_channels: int) -> LatentUNet:
 def build_diffusion(cfg: Config) -> GaussianDiffusion:
     d = cfg.diffusion
     return GaussianDiffusion(cosine_alphas_cumprod(d.num_steps), d.prediction, d.min_snr_gamma)
-
-
-def use_bf16(device, cfg: Config) -> bool:
-    return cfg.unet_train.bf16 and (device.type == "cuda" or cfg.unet_train.cpu_bf16)
 
 
 def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool):
@@ -77,7 +74,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     tc = cfg.unet_train
     out_dir = Path(out_dir)
     torch.manual_seed(tc.seed * 1000 + ctx.rank)
-    bf16 = use_bf16(ctx.device, cfg)
+    bf16 = use_bf16(ctx.device, tc)
 
     index = read_index(latents)
     train_cases = load_latent_cases(latents, "train")
@@ -93,7 +90,6 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
 
     ckpts = Checkpoints(out_dir / "checkpoints", tc.keep_last)
     step, best = 0, float("-inf")
-    space = LatentSpace.fit(train_cases, cfg.diffusion.residual)
     latest, resume_rng = ckpts.latest(), None
     if latest is not None:
         state = load_checkpoint(latest)
@@ -104,6 +100,8 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
         step, best = state["step"], state["best_psnr"]
         space = LatentSpace.from_state(state["latent_space"])
         resume_rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
+    else:
+        space = LatentSpace.fit(train_cases, cfg.diffusion.residual)
 
     net = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     crops = RandomLatentCrops(train_cases, tc.crop_size, tc.samples_per_case, tc.seed,
@@ -122,8 +120,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     if val_cases:
         ae, _ = load_autoencoder(autoencoder or index["ae_checkpoint"], ctx.device)
         vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, ae.compression)
-    val_sampler = make_sampler(cfg.diffusion.sampler, diffusion, **({"eta": cfg.diffusion.eta}
-                                                                    if cfg.diffusion.sampler == "ddim" else {}))
+    val_sampler = make_sampler(cfg.diffusion.sampler, diffusion, eta=cfg.diffusion.eta)
 
     writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
     history_path = out_dir / "history.jsonl"
@@ -136,9 +133,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
               f"{'residual' if space.residual else 'direct'} target, starting at step {step}", flush=True)
         if not vcrops:
             print("no val case in the latent index: validation and best-checkpoint selection are skipped", flush=True)
-        if history_path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [l for l in history_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            history_path.write_text("".join(l + "\n" for l in kept))
+        trim_history(history_path, step)
     first_step = step
     stop = StopFlag()
     bar = tqdm(total=tc.max_steps, initial=step, disable=not ctx.is_main, unit="step", dynamic_ncols=True)
@@ -230,20 +225,17 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                                               "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
                                               "latent_channels": model.latent_channels,
                                               "ae_fingerprint": index["ae_fingerprint"]})
-        halt = ctx.all_reduce_max(float(stop.stop)) > 0 or (stop_after is not None and step - first_step >= stop_after)
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps or halt:
+        why = halt_reason(ctx, stop.stop, stop_after, step - first_step)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or why:
             save()
-        if halt:
+        if why:
             if ctx.is_main:
-                why = "by signal" if stop.stop else f"after {stop_after} steps (--stop-after)"
                 tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
     result = {"step": step, "best_psnr": best, "last_losses": losses[-5:]}
     if ctx.distributed:
-        digests = [None] * ctx.world
-        torch.distributed.all_gather_object(digests, params_digest(model))
-        result["ranks_identical"] = len(set(digests)) == 1
+        result["ranks_identical"] = ranks_identical(ctx, model)
     if ctx.is_main:
         writer.close()
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
@@ -256,23 +248,18 @@ def parse_args(argv=None):
                                             "(python or torchrun --nproc_per_node=N).")
     p.add_argument("--config", required=True, type=Path, help="YAML with unet/diffusion/unet_train sections")
     p.add_argument("--latents", required=True, type=Path, help="latent folder (train/generate_training_latent.py)")
-    p.add_argument("--output", required=True, type=Path, help="run folder; rerunning resumes from its latest checkpoint")
+    add_run_arguments(p, "unet_train")
     p.add_argument("--cache", type=Path, default=None, help="prepared dataset for validation truth "
                                                             "(default: the one named in the latent index)")
     p.add_argument("--autoencoder", type=Path, default=None, help="autoencoder checkpoint for validation decoding "
                                                                   "(default: the one named in the latent index)")
-    p.add_argument("--max-steps", type=int, default=None, help="override unet_train.max_steps")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        if args.max_steps is not None:
-            cfg = cfg.model_copy(update={"unet_train": cfg.unet_train.model_copy(update={"max_steps": args.max_steps})})
+        cfg = with_overrides(load_config(args.config), "unet_train", max_steps=args.max_steps)
         train(cfg, args.latents, args.output, args.cache, args.autoencoder, stop_after=args.stop_after)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

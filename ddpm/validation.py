@@ -17,7 +17,6 @@ from dataset.cache import load_case
 from dataset.intensity import hu_to_unit, unit_to_hu
 from ddpm.generate import sample_thin_latent
 from ddpm.latent_data import LatentCase, LatentSpace
-from ddpm.latents import thick_on_thin_grid
 from thinslice.images import midplane_panel
 from thinslice.metrics import psnr
 
@@ -45,8 +44,10 @@ def val_crops(cases: list[LatentCase], cache: Path, size, compression) -> list[V
         lat = (slice(None),) + tuple(slice(s, s + k) for s, k in zip(start, size_c))
         case = load_case(Path(cache) / "cases" / c.case_id)
         img = tuple(slice(s * f, (s + k) * f) for s, k, f in zip(start, size_c, compression))
-        truth = np.asarray(case.thin.array, dtype=np.float32)[img]
-        cubic = thick_on_thin_grid(case.thick, case.thin)[img]
+        truth = np.asarray(case.thin.array[img], dtype=np.float32)
+        crop_affine = case.thin.affine.copy()  # the crop's own grid: only its voxels are resampled
+        crop_affine[:3, 3] = (case.thin.affine @ np.array([sl.start for sl in img] + [1.0]))[:3]
+        cubic = case.thick.sample_at(crop_affine, truth.shape, order=3)
         out.append(ValCrop(c.case_id, c.thin[lat][None], c.cond[lat][None], c.spacing[None],
                            torch.from_numpy(np.ascontiguousarray(truth))[None, None],
                            torch.from_numpy(np.ascontiguousarray(cubic))[None, None]))

@@ -17,7 +17,7 @@ from ddpm.samplers import DDIMSampler
 from ddpm.trainer import build_diffusion, build_unet
 from thinslice.config import Config
 from thinslice.interpolate_cli import main
-from thinslice.interpolation import consistency_residual, output_grid, resample
+from thinslice.interpolation import consistency_residual, output_grid
 from thinslice.report import lung_mask, score
 
 from conftest import THICK
@@ -58,7 +58,7 @@ def test_output_grid_tiles_each_slab_with_unchanged_in_plane_geometry(spacing, p
 def test_consistency_step_brings_real_ct_within_1_hu_of_the_thick_scan(chest):
     thick = simulate_thick(chest, 5.0, 5.0)
     grid = output_grid(thick, 1.0)
-    cubic = resample(thick, grid, order=3)
+    cubic = thick.sample_at(grid.affine, grid.shape, order=3)
     before = consistency_residual(cubic, thick, grid)
     fixed = to_int16_hu(enforce_slab_consistency(cubic, thick.array, grid.weights)).astype(np.float32)
     after = consistency_residual(fixed, thick, grid)

@@ -15,9 +15,9 @@ from ddpm.trainer import diffusion_loss
 from ddpm.trainer import main as train_main
 from thinslice.checkpoint import load_checkpoint
 
+from ddp_grad_probe import global_batch, model_and_loss  # tests/ is on pytest's import path, like conftest
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_grad_probe import global_batch, model_and_loss  # noqa: E402
 
 TINY = {
     "unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [0], "window": 2,
@@ -77,7 +77,7 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
 
 def test_ddp_gradient_equals_single_process_gradient(tmp_path):
     cfg = write_config(tmp_path / "unet.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "tests" / "ddp_grad_probe.py"), str(tmp_path / "grads.pt"), str(cfg)],
                          env=env, capture_output=True, text=True, timeout=300)

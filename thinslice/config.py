@@ -130,17 +130,13 @@ class LossConfig(_Strict):
     disc_layers: int = Field(3, ge=1)
 
 
-class AETrainConfig(_Strict):
-    """One stage of autoencoder training; stage 2 names the stage-1 checkpoint in init_from."""
+class TrainingLoop(_Strict):
+    """Settings every trainer's loop has; batch_size is per rank (global = batch x ranks x grad_accum)."""
 
-    stage: Literal[1, 2] = 1
-    init_from: str | None = None
-    crop_size: tuple[int, int, int] | None = None  # stage 2: None = whole volumes
     batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(20000, gt=0)
     lr: float = Field(1e-4, gt=0)
-    disc_lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     bf16: bool = True  # autocast on GPU; on CPU too when cpu_bf16
@@ -148,11 +144,20 @@ class AETrainConfig(_Strict):
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
-    image_every: int = Field(500, gt=0)
     val_every: int = Field(1000, gt=0)
     val_max_cases: int = Field(4, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+
+
+class AETrainConfig(TrainingLoop):
+    """One stage of autoencoder training; stage 2 names the stage-1 checkpoint in init_from."""
+
+    stage: Literal[1, 2] = 1
+    init_from: str | None = None
+    crop_size: tuple[int, int, int] | None = None  # stage 2: None = whole volumes
+    disc_lr: float = Field(1e-4, gt=0)
+    image_every: int = Field(500, gt=0)
 
     @model_validator(mode="after")
     def _stage(self):
@@ -196,30 +201,22 @@ class DiffusionConfig(_Strict):
     eta: float = Field(0.0, ge=0)
 
 
-class UNetTrainConfig(_Strict):
-    """Latent U-Net training (train/train_unet_latent.py); batch_size is per rank."""
+class UNetTrainConfig(TrainingLoop):
+    """Latent U-Net training (train/train_unet_latent.py)."""
 
-    crop_size: tuple[int, int, int] = (32, 32, 16)  # latent voxels, multiples of the U-Net's 2**(levels-1)
+    crop_size: tuple[int, int, int] = (32, 32, 16)  # latent voxels, multiples of the U-Net's size multiple
     samples_per_case: int = Field(64, gt=0)  # random crops per training case per epoch
     batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(100000, gt=0)
-    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(1000, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
-    bf16: bool = True  # autocast on GPU; on CPU too when cpu_bf16
-    cpu_bf16: bool = False
-    seed: int = 0
-    num_workers: int = Field(2, ge=0)
     log_every: int = Field(50, gt=0)
     val_every: int = Field(2000, gt=0)
     val_max_cases: int = Field(2, gt=0)
     val_crop: tuple[int, int, int] | None = (32, 32, 16)  # latent crop at each val case's centre; None = whole
     val_sample_steps: int = Field(25, gt=0)
     checkpoint_every: int = Field(2000, gt=0)
-    keep_last: int = Field(3, gt=0)
 
 
 class InterpolateConfig(_Strict):

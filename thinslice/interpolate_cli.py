@@ -20,7 +20,7 @@ from dataset.volume import CTVolume
 from thinslice.atomic import atomic_path, write_json
 from thinslice.config import ConfigError, load_config
 from dataset.thick import enforce_slab_consistency
-from thinslice.interpolation import Models, consistency_residual, interpolate, resample
+from thinslice.interpolation import Models, consistency_residual, interpolate
 from thinslice.report import lung_mask, score, scored_slices, write_metrics, write_panel
 
 
@@ -58,7 +58,7 @@ def truth_on_grid(truth: CTVolume, grid) -> tuple[np.ndarray, str | None]:
     if aligned:
         k = int(round(offset))
         return np.asarray(truth.array[..., k:k + grid.shape[2]], dtype=np.float32), None
-    return resample(truth, grid, order=1), "truth resampled (linear) onto the output grid: its slices do not coincide"
+    return truth.sample_at(grid.affine, grid.shape, order=1), "truth resampled (linear) onto the output grid: its slices do not coincide"
 
 
 def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models, cfg, out: Path, rows: list) -> dict:
@@ -83,18 +83,19 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
             info["note"] = note
         z = scored_slices(res.grid.shape[2], res.grid.weights)
         lungs = lung_mask(truth_hu[..., z])
-        linear = resample(thick, res.grid, order=1)
+        linear = thick.sample_at(res.grid.affine, res.grid.shape, order=1)
         methods = {"ours": res.mean, "linear": linear, "cubic": res.cubic}
         for method, vol in list(methods.items()):
-            methods[f"{method} + consistency"] = enforce_slab_consistency(vol, thick.array, res.grid.weights)
-        if cfg.consistency:  # what was written (rounded to int16) is what is scored
-            methods["ours + consistency"] = final.astype(np.float32)
+            if method == "ours" and cfg.consistency:  # score what was written (consistent, rounded to int16)
+                methods["ours + consistency"] = final.astype(np.float32)
+            else:
+                methods[f"{method} + consistency"] = enforce_slab_consistency(vol, thick.array, res.grid.weights)
         for method in ("ours", "ours + consistency", "linear", "linear + consistency", "cubic", "cubic + consistency"):
             vol = methods[method]
             row = {"case": name, "method": method, **score(vol[..., z], truth_hu[..., z], lungs),
                    "consistency_mean_abs_hu": consistency_residual(vol, thick, res.grid)["mean_abs_hu"]}
             rows.append(row)
-        panel = {"thick input": resample(thick, res.grid, order=0), "cubic": res.cubic, "ours": final.astype(np.float32),
+        panel = {"thick input": thick.sample_at(res.grid.affine, res.grid.shape, order=0), "cubic": res.cubic, "ours": final.astype(np.float32),
                  "truth": truth_hu, "|ours - truth|": np.abs(final - truth_hu)}
         if res.std is not None:
             panel["uncertainty (std)"] = res.std

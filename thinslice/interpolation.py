@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 from AutoEncoder.evaluate import load_autoencoder
@@ -44,13 +43,6 @@ def output_grid(thick: CTVolume, spacing: float) -> ThinGrid:
     return ThinGrid(affine, thick.shape[:2] + (n,), spacing, grid_slab_weights(n, spacing, thick))
 
 
-def resample(thick: CTVolume, grid: ThinGrid, order: int) -> np.ndarray:
-    """scipy spline interpolation of the thick scan at the grid's voxel centres (order 1 linear, 3 cubic)."""
-    m = np.linalg.inv(thick.affine) @ grid.affine
-    return ndimage.affine_transform(np.asarray(thick.array, dtype=np.float32), m[:3, :3], offset=m[:3, 3],
-                                    output_shape=grid.shape, order=order, mode="nearest")
-
-
 @dataclass
 class Models:
     autoencoder: PatchVolumeAutoencoder
@@ -69,10 +61,10 @@ class Models:
                                         f"in pretrained/, see pretrained/README.md)")
         ae, ae_state = load_autoencoder(autoencoder, device)
         net, space, cfg, state = load_unet(unet, device)
-        expected = state.get("ae_fingerprint")
-        if expected and expected != file_fingerprint(autoencoder):
+        expected, actual = state.get("ae_fingerprint"), file_fingerprint(autoencoder)
+        if expected and expected != actual:
             raise ValueError(f"{unet} was trained on latents of another autoencoder than {autoencoder} "
-                             f"(fingerprint {expected} vs {file_fingerprint(autoencoder)})")
+                             f"(fingerprint {expected} vs {actual})")
         return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device)
 
 
@@ -90,7 +82,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     dev, bf16 = models.device, models.device.type == "cuda"
     t0 = time.perf_counter()
     grid = output_grid(thick, cfg.spacing_mm)
-    cubic = resample(thick, grid, order=3)
+    cubic = thick.sample_at(grid.affine, grid.shape, order=3)
     x = hu_to_unit(torch.from_numpy(cubic), models.window)[None, None].to(dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         cond = models.autoencoder.encode_volume(x).float()
@@ -98,7 +90,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_enc = time.perf_counter()
     d = models.unet_config.diffusion
     name = cfg.sampler or d.sampler
-    sampler = make_sampler(name, models.diffusion, **({"eta": d.eta} if name == "ddim" else {}))
+    sampler = make_sampler(name, models.diffusion, eta=d.eta)
     steps = cfg.sample_steps or d.sample_steps
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
@@ -111,10 +103,11 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
             unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()
         hu = unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
         total = hu if total is None else total + hu
-        total_sq = hu * hu if total_sq is None else total_sq + hu * hu
-    mean = (total / cfg.samples).astype(np.float32)
-    std = np.sqrt(np.clip(total_sq / cfg.samples - (total / cfg.samples) ** 2, 0, None)).astype(np.float32) \
-        if cfg.samples > 1 else None
+        if cfg.samples > 1:
+            total_sq = hu * hu if total_sq is None else total_sq + hu * hu
+    mean = total / cfg.samples
+    std = np.sqrt(np.clip(total_sq / cfg.samples - mean**2, 0, None)).astype(np.float32) if cfg.samples > 1 else None
+    mean = mean.astype(np.float32)
     t_sample = time.perf_counter()
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()

@@ -1,0 +1,74 @@
+"""What the autoencoder and U-Net trainers share around their loops: command-line overrides, the bf16
+rule, RNG states for resume, the history trim, when to stop, and the DDP sanity check at the end."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from thinslice.checkpoint import rng_state
+from thinslice.config import Config
+from thinslice.distributed import DistContext
+
+
+def add_run_arguments(p: argparse.ArgumentParser, section: str) -> None:
+    p.add_argument("--output", required=True, type=Path, help="run folder; rerunning resumes from its latest checkpoint")
+    p.add_argument("--max-steps", type=int, default=None, help=f"override {section}.max_steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
+
+
+def with_overrides(cfg: Config, section: str, **values) -> Config:
+    """cfg with the non-None values replacing keys of one section (command-line flags over the YAML)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return cfg
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+def use_bf16(device: torch.device, loop) -> bool:
+    """bf16 autocast on GPU; on CPU only when asked (`cpu_bf16`, worth it with AMX)."""
+    return loop.bf16 and (device.type == "cuda" or loop.cpu_bf16)
+
+
+def gather_rng(ctx: DistContext) -> list:
+    """Every rank's RNG state, so a resumed run continues each rank's random stream."""
+    if not ctx.distributed:
+        return [rng_state()]
+    states = [None] * ctx.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def trim_history(path: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint, so history.jsonl matches the resumed run."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def halt_reason(ctx: DistContext, signalled: bool, stop_after: int | None, steps_done: int) -> str | None:
+    """Why every rank stops now (a signal on any rank, or --stop-after), or None to go on."""
+    if ctx.all_reduce_max(float(signalled)) > 0:
+        return "by signal"
+    if stop_after is not None and steps_done >= stop_after:
+        return f"after {stop_after} steps (--stop-after)"
+    return None
+
+
+def params_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ranks_identical(ctx: DistContext, module: torch.nn.Module) -> bool:
+    digests = [None] * ctx.world
+    dist.all_gather_object(digests, params_digest(module))
+    return len(set(digests)) == 1
