@@ -216,8 +216,8 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                     writer.add_image("val/truth|ours|error", panel, step)
                 with open(out_dir / "val.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
-                tqdm.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB (cubic {metrics['psnr_cubic']:.2f}, "
-                           f"autoencoder ceiling {metrics['psnr_ae_ceiling']:.2f})")
+                tqdm.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB (cubic {metrics['psnr_cubic']:.2f}; "
+                           f"direct decoding {metrics['psnr_direct']:.2f}, its ceiling {metrics['psnr_ae_ceiling']:.2f})")
             if metrics["psnr"] > best:
                 best = metrics["psnr"]
                 if ctx.is_main:

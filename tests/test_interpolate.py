@@ -17,7 +17,7 @@ from ddpm.samplers import DDIMSampler
 from ddpm.trainer import build_diffusion, build_unet
 from thinslice.config import Config
 from thinslice.interpolate_cli import main
-from thinslice.interpolation import consistency_residual, output_grid
+from thinslice.interpolation import Models, consistency_residual, interpolate, output_grid
 from thinslice.report import lung_mask, score
 
 from conftest import THICK
@@ -158,6 +158,19 @@ def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic
     assert case["consistency_residual"]["max_abs_hu"] < 1.0 and case["peak_rss_gb"] > 0
     assert (out / f"{name}.png").stat().st_size > 10_000 and "| cubic |" in (out / "report.md").read_text()
     assert "first and last slab" in (out / "report.md").read_text()
+
+
+def test_residual_decoding_passes_on_only_what_the_network_changed(weights, chest_block, monkeypatch):
+    """A sampler that returns the condition unchanged must give back cubic exactly: the autoencoder's own
+    reconstruction error cancels. Direct decoding of the same latent gives the (untrained) autoencoder's blur."""
+    monkeypatch.setattr("thinslice.interpolation.sample_thin_latent", lambda net, space, sampler, cond, *a, **k: cond)
+    models = Models.load(*weights, torch.device("cpu"))
+    thick = simulate_thick(chest_block, 5.0, 5.0)
+    cfg = Config().interpolate.model_copy(update={"consistency": False, "window": (16, 16, 8)})
+    res = interpolate(thick, models, cfg.model_copy(update={"decode": "residual"}), progress=False)
+    np.testing.assert_allclose(res.output, res.cubic, atol=1e-3)
+    direct = interpolate(thick, models, cfg.model_copy(update={"decode": "direct"}), progress=False)
+    assert np.abs(direct.output - direct.cubic).mean() > 50  # HU: what residual decoding removes
 
 
 def test_cli_takes_a_thick_nifti_and_names_bad_inputs(weights, tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_generation_resumes_to_the_same_files_and_reencodes_a_new_autoencoder(bu
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(clean)]) == 0
     index = json.loads((clean / "index.json").read_text())
-    assert len(index["cases"]) == 2 and index["scale_factor"] > 0
+    assert len(index["cases"]) == 3 and index["scale_factor"] > 0
     with safe_open(str(clean / "dicom__totalseg-s3_abdomen_2mm.safetensors"), "pt") as f:
         thin, cond, meta = f.get_tensor("thin"), f.get_tensor("cond"), f.metadata()
     assert thin.dtype == torch.float16 and thin.shape == cond.shape == (8, 128, 128, 5)

@@ -17,6 +17,7 @@ def case_dirs(cache):
 def test_bundled_cache_has_the_expected_cases(bundled_cache):
     splits = {c["case_id"]: c["split"] for c in read_manifest(bundled_cache)["cases"]}
     assert splits["thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"] == "test"
+    assert splits["thin__totalseg-s1_chest_1.5mm-resampled_crop-z64-144"] == "train"  # pinned by config/demo_data.yaml
     assert "dicom__totalseg-s3_abdomen_2mm" in splits
 
 

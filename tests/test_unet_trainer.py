@@ -38,12 +38,12 @@ def write_config(path: Path, **train) -> Path:
 
 @pytest.fixture(scope="module")
 def latents(bundled_cache, tiny_ae_checkpoint, tmp_path_factory) -> Path:
-    """Latents of the bundled CT: the DICOM abdomen trains, the chest crop validates."""
+    """Latents of the bundled CT: the DICOM abdomen trains, the LIDC chest crop validates, the other chest waits."""
     out = tmp_path_factory.mktemp("latents")
     assert latents_main(["--cache", str(bundled_cache), "--checkpoint", str(tiny_ae_checkpoint), "--output", str(out)]) == 0
     index = json.loads((out / "index.json").read_text())
     for c in index["cases"]:
-        c["split"] = "train" if c["case_id"].startswith("dicom__") else "val"
+        c["split"] = "train" if c["case_id"].startswith("dicom__") else "val" if "lidc" in c["case_id"] else "test"
     (out / "index.json").write_text(json.dumps(index))
     return out
 
@@ -70,7 +70,7 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6)
     val = [json.loads(l) for l in (tmp_path / "straight" / "val.jsonl").read_text().splitlines()]
     assert [v["step"] for v in val] == [3, 6] and all(v["cases"] == 1 for v in val)
-    assert val[0]["psnr_cubic"] > 10 and val[0]["psnr_ae_ceiling"] > 0
+    assert val[0]["psnr_cubic"] > 10 and val[0]["psnr_ae_ceiling"] > 0 and val[0]["psnr_direct"] > 0
     assert (tmp_path / "straight" / "checkpoints" / "best.pt").is_file()
     assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
 

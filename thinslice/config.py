@@ -233,6 +233,9 @@ class InterpolateConfig(_Strict):
     overlap: float = Field(0.25, ge=0, lt=1)
     sw_batch_size: int = Field(4, gt=0)
     consistency: bool = True  # project the output so each slab's average equals the thick slice
+    # residual: output = cubic + D(z_thin) - D(z_cubic), so the autoencoder's own reconstruction error cancels
+    # and only what the U-Net changed in latent space reaches the image; direct: output = D(z_thin)
+    decode: Literal["residual", "direct"] = "residual"
 
 
 class Config(_Strict):

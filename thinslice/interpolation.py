@@ -5,6 +5,10 @@ unchanged, slices `spacing` apart, the first starting half a slice inside the fi
 scan is resampled onto that grid (cubic), encoded patch-wise, the thin latent is sampled with the
 U-Net applied in overlapping latent windows at every step, decoded chunk-wise, and finally
 projected so every slab's average equals the measured thick slice (the consistency step).
+
+With `decode: residual` (default) the decoded condition is subtracted and cubic added back: the
+output is cubic plus the image-space change the sampled latent makes, so a small CPU-trained
+autoencoder's blur cancels instead of capping the result at its reconstruction quality.
 """
 from __future__ import annotations
 
@@ -94,14 +98,18 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     steps = cfg.sample_steps or d.sample_steps
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
+    def decode_hu(z: torch.Tensor) -> np.ndarray:
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()
+        return unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
+
+    offset = cubic - decode_hu(cond) if cfg.decode == "residual" else 0.0
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
         bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
         z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()
-        hu = unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
+        hu = decode_hu(z) + offset
         total = hu if total is None else total + hu
         if cfg.samples > 1:
             total_sq = hu * hu if total_sq is None else total_sq + hu * hu

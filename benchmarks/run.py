@@ -1,0 +1,313 @@
+"""Speed and memory of every heavy step, written as JSON: the figures behind README's benchmark table.
+
+  python benchmarks/run.py --out benchmarks/results/cpu.json              # 2-core CPU: CPU configs, 256x256x150
+  python benchmarks/run.py --device cuda --out benchmarks/results/h100.json   # adds 512x512x300, MFU, compile
+
+Each measurement runs in a fresh subprocess, so peak memory (GPU: max_memory_allocated; CPU: growth of
+the process's peak RSS) belongs to that measurement alone. Timed regions exclude warm-up iterations.
+Interpolation uses pretrained/ weights when present (their architecture), else untrained models built
+from the configs: the time and memory of sampling do not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# dense bf16 tensor-core peaks (TFLOP/s) for model FLOPs utilisation
+PEAK_BF16 = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10": 125.0}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Peak:
+    """Peak memory of the code inside the block, in GiB."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.gib = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self.gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 2**20
+
+
+def timed(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
+    """(seconds per call, peak GiB) over `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    with Peak(device) as peak:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        dt = (time.perf_counter() - t0) / iters
+    return dt, peak.gib
+
+
+def load(path) -> "Config":
+    from thinslice.config import load_config
+
+    return load_config(ROOT / path)
+
+
+def bench_ae_step(a) -> dict:
+    """One stage-1 generator + discriminator step (L1 + KL/VQ + PatchGAN), as AutoEncoder/trainer.py does."""
+    import torch.nn.functional as F
+
+    from AutoEncoder.losses import Adversary
+    from AutoEncoder.model import PatchVolumeAutoencoder
+
+    cfg = load(a.ae_config)
+    dev, bf16 = a.device, a.device == "cuda" or a.bf16
+    model = PatchVolumeAutoencoder(cfg.autoencoder).to(dev).train()
+    adv = Adversary(cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.adv_criterion).to(dev)
+    opt_g, opt_d = torch.optim.AdamW(model.parameters()), torch.optim.AdamW(adv.parameters())
+    x = torch.rand(a.ae_batch, 1, *cfg.autoencoder.patch_size, device=dev) * 2 - 1
+
+    def step():
+        opt_g.zero_grad(set_to_none=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            recon, reg, _ = model(x)
+            loss = F.l1_loss(recon.float(), x) + reg + cfg.loss.adv_weight * adv.generator_loss(recon, x)
+        loss.backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            adv.discriminator_loss(recon.detach(), x).backward()
+        opt_d.step()
+
+    dt, gib = timed(step, dev, a.warmup, a.iters)
+    return {"what": "autoencoder stage-1 step (L1 + reg + PatchGAN, G and D)", "config": a.ae_config, "bf16": bf16,
+            "batch": a.ae_batch, "patch": list(cfg.autoencoder.patch_size),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "seconds_per_step": round(dt, 4), "samples_per_s": round(a.ae_batch / dt, 2),
+            "voxels_per_s": round(x.numel() / dt), "peak_gib": round(gib, 2)}
+
+
+def bench_unet_step(a) -> dict:
+    """One U-Net training step (ddpm.trainer.diffusion_loss, AdamW); FLOPs counted for utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm.latent_data import LatentSpace
+    from ddpm.trainer import build_diffusion, build_unet, diffusion_loss
+
+    cfg = load(a.unet_config)
+    dev, bf16 = a.device, a.device == "cuda" or a.bf16
+    c = a.latent_channels
+    net = build_unet(cfg, c).to(dev).train()
+    if a.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    fwd = torch.compile(net) if a.compile else net
+    diffusion, space = build_diffusion(cfg), LatentSpace(1.0, cfg.diffusion.residual, 1.0)
+    opt = torch.optim.AdamW(net.parameters())
+    b, crop = cfg.unet_train.batch_size if a.unet_batch is None else a.unet_batch, cfg.unet_train.crop_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batch = {"thin": torch.randn(b, c, *crop, generator=g).to(dev), "cond": torch.randn(b, c, *crop, generator=g).to(dev),
+             "spacing": torch.tensor([[5.0, 1.0]] * b, device=dev)}
+    t = torch.randint(0, diffusion.num_steps, (b,), generator=g).to(dev)
+    noise = torch.randn(b, c, *crop, generator=g).to(dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        diffusion_loss(fwd, diffusion, space, batch, t, noise, bf16).mean().backward()
+        opt.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        diffusion_loss(net, diffusion, space, batch, t, noise, bf16).mean().backward()
+    flops = counter.get_total_flops()
+    dt, gib = timed(step, dev, a.warmup + (3 if a.compile else 0), a.iters)
+    out = {"what": "latent U-Net training step (v-prediction loss, AdamW)", "config": a.unet_config, "bf16": bf16,
+           "batch": b, "crop": list(crop), "latent_channels": c, "compile": a.compile, "channels_last_3d": a.channels_last,
+           "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+           "seconds_per_step": round(dt, 4), "samples_per_s": round(b / dt, 2),
+           "latent_voxels_per_s": round(b * int(np.prod(crop)) / dt), "peak_gib": round(gib, 2),
+           "tflop_per_step": round(flops / 1e12, 4), "achieved_tflops": round(flops / dt / 1e12, 3)}
+    if dev == "cuda":
+        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+        out["mfu_bf16"] = round(flops / dt / 1e12 / peak, 3) if peak else None
+    return out
+
+
+def models_for_benchmark(a):
+    from AutoEncoder.model import PatchVolumeAutoencoder
+    from ddpm.latent_data import LatentSpace
+    from ddpm.trainer import build_diffusion, build_unet
+    from thinslice.interpolation import Models
+
+    dev = torch.device(a.device)
+    ae_w, unet_w = ROOT / "pretrained" / "autoencoder.pt", ROOT / "pretrained" / "unet.pt"
+    if ae_w.exists() and unet_w.exists() and not a.untrained:
+        return Models.load(ae_w, unet_w, dev), "pretrained/"
+    ae_cfg, unet_cfg = load(a.ae_config), load(a.unet_config)
+    torch.manual_seed(0)
+    ae = PatchVolumeAutoencoder(ae_cfg.autoencoder).to(dev).eval()
+    net = build_unet(unet_cfg, ae_cfg.autoencoder.latent_channels).to(dev).eval()
+    space = LatentSpace(1.0, unet_cfg.diffusion.residual, 1.0)
+    return Models(ae, net, space, build_diffusion(unet_cfg), tuple(ae_cfg.data.hu_window), unet_cfg, dev), \
+        f"untrained {a.ae_config} + {a.unet_config}"
+
+
+def synthetic_thick(shape_thin) -> "CTVolume":
+    """A thick scan whose 1 mm output grid has shape_thin: 5 mm slabs, 0.7 mm pixels, body-like HU."""
+    from dataset.volume import CTVolume
+
+    nx, ny, nz = shape_thin
+    g = np.random.default_rng(0)
+    arr = g.normal(0, 200, (nx, ny, nz // 5)).astype(np.float32) - 300
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    return CTVolume(arr, affine, slice_thickness=5.0)
+
+
+def bench_interpolate(a) -> dict:
+    from thinslice.config import InterpolateConfig
+    from thinslice.interpolation import interpolate
+
+    models, weights = models_for_benchmark(a)
+    thick = synthetic_thick(a.shape)
+    cfg = InterpolateConfig(sample_steps=a.sample_steps)
+    if a.device == "cuda":
+        interpolate(synthetic_thick((64, 64, 40)), models, cfg, progress=False)  # CUDA context and kernels
+    with Peak(a.device) as peak:
+        t0 = time.perf_counter()
+        res = interpolate(thick, models, cfg, progress=False)
+        sync(a.device)
+        dt = time.perf_counter() - t0
+    steps = cfg.sample_steps or models.unet_config.diffusion.sample_steps
+    return {"what": "interpolate one thick scan (cubic, encode, DDIM, decode, consistency)", "weights": weights,
+            "input_shape": list(thick.shape), "output_shape": list(res.grid.shape), "sample_steps": steps,
+            "seconds": round(dt, 2), "stages_s": {k: round(v, 2) for k, v in res.seconds.items()},
+            "output_voxels_per_s": round(int(np.prod(res.grid.shape)) / dt), "peak_gib": round(peak.gib, 2)}
+
+
+def bench_latents(a) -> dict:
+    """What train/generate_training_latent.py does per case: encode the thin volume and the cubic condition."""
+    models, weights = models_for_benchmark(a)
+    x = torch.rand(1, 1, *a.shape, device=a.device) * 2 - 1
+    bf16 = a.device == "cuda"
+
+    def encode_case():
+        with torch.no_grad(), torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):
+            models.autoencoder.encode_volume(x)
+            models.autoencoder.encode_volume(x)
+
+    dt, gib = timed(encode_case, a.device, 0, 1)
+    return {"what": "latent generation per case (encode thin + condition)", "weights": weights, "shape": list(a.shape),
+            "seconds_per_case": round(dt, 2), "peak_gib": round(gib, 2)}
+
+
+BENCHES = {"ae_step": bench_ae_step, "unet_step": bench_unet_step, "latents": bench_latents,
+           "interpolate": bench_interpolate}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def plan(a) -> list[list[str]]:
+    """The measurements for this device: (bench, extra arguments)."""
+    cpu = a.device == "cpu"
+    jobs = [["ae_step"], ["unet_step"], ["latents", "--shape", "256", "256", "150"],
+            ["interpolate", "--shape", "256", "256", "150"]]
+    if not cpu:
+        jobs += [["unet_step", "--compile"], ["unet_step", "--channels-last"], ["unet_step", "--compile", "--channels-last"],
+                 ["latents", "--shape", "512", "512", "300"], ["interpolate", "--shape", "512", "512", "300"]]
+    return jobs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
+    p.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
+    p.add_argument("--ae-config", default=None, help="default: config/autoencoder_cpu_stage1.yaml on CPU, "
+                                                     "config/autoencoder_stage1.yaml on GPU")
+    p.add_argument("--unet-config", default=None, help="default: config/unet_cpu.yaml on CPU, config/unet.yaml on GPU")
+    p.add_argument("--ae-batch", type=int, default=2)
+    p.add_argument("--unet-batch", type=int, default=None, help="default: the config's unet_train.batch_size")
+    p.add_argument("--latent-channels", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=None, help="default: the U-Net's diffusion.sample_steps")
+    p.add_argument("--untrained", action="store_true", help="ignore pretrained/ (benchmark the configs' models)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--bench", choices=list(BENCHES), help=argparse.SUPPRESS)  # one measurement, in a child
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 150], help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    gpu = a.device == "cuda"
+    a.ae_config = a.ae_config or ("config/autoencoder_stage1.yaml" if gpu else "config/autoencoder_cpu_stage1.yaml")
+    a.unet_config = a.unet_config or ("config/unet.yaml" if gpu else "config/unet_cpu.yaml")
+    a.bf16 = True  # bf16 autocast: always on GPU; on CPU it is what the CPU configs use (AMX)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.bench:
+        print(json.dumps(BENCHES[a.bench](a)))
+        return 0
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    shared = ["--device", a.device, "--ae-config", a.ae_config, "--unet-config", a.unet_config,
+              "--ae-batch", str(a.ae_batch), "--latent-channels", str(a.latent_channels),
+              "--warmup", str(a.warmup), "--iters", str(a.iters)]
+    shared += ["--unet-batch", str(a.unet_batch)] if a.unet_batch else []
+    shared += ["--sample-steps", str(a.sample_steps)] if a.sample_steps else []
+    shared += ["--untrained"] if a.untrained else []
+    rows = []
+    for bench, *extra in plan(a):
+        if a.only and bench not in a.only:
+            continue
+        cmd = [sys.executable, __file__, "--bench", bench, *shared, *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else \
+            {"bench": bench, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+        row = {"bench": bench, "args": extra, **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"device": a.device, "device_name": device_name(a.device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+              "rows": rows}
+    if a.out:
+        from thinslice.atomic import write_json
+
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(a.out, report)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
