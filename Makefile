@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= outputs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-pretrained test benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -14,11 +14,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -r requirements.txt -e ".[test]"
 	touch $@
 
+# the whole pipeline on the bundled CT: prepare, autoencoder stage 1 + 2, latents, U-Net, interpolate, report
 demo: setup
-	$(BIN)/python dataset/prepare.py --input data/ct --output $(DEMO)/cache --config config/demo_data.yaml
+	$(BIN)/python -m thinslice.demo --output $(DEMO)
+
+# the same without training: interpolate the held-out chest with the shipped weights in pretrained/
+demo-pretrained: setup
+	$(BIN)/python -m thinslice.demo --output $(DEMO)-pretrained --pretrained
+
+benchmark: setup
+	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) $(DEMO)-pretrained

@@ -3,8 +3,8 @@
   python benchmarks/run.py --out benchmarks/results/cpu.json              # 2-core CPU: CPU configs, 256x256x150
   python benchmarks/run.py --device cuda --out benchmarks/results/h100.json   # adds 512x512x300, MFU, compile
 
-Each measurement runs in a fresh subprocess, so peak memory (GPU: max_memory_allocated; CPU: growth of
-the process's peak RSS) belongs to that measurement alone. Timed regions exclude warm-up iterations.
+Each measurement runs in a fresh subprocess, so peak memory belongs to that measurement alone (GPU:
+torch.cuda.max_memory_allocated; CPU: the process's peak RSS, Python and torch included, about 0.4 GiB). Timed regions exclude warm-up iterations.
 Interpolation uses pretrained/ weights when present (their architecture), else untrained models built
 from the configs: the time and memory of sampling do not depend on the weights' values.
 """
@@ -34,7 +34,8 @@ def sync(device: str) -> None:
 
 
 class Peak:
-    """Peak memory of the code inside the block, in GiB."""
+    """Peak memory up to the end of the block, in GiB: GPU allocations since the block began, or the
+    process's peak RSS on CPU (RSS cannot be reset, hence one measurement per process)."""
 
     def __init__(self, device: str):
         self.device = device
@@ -42,22 +43,21 @@ class Peak:
     def __enter__(self):
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return self
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             self.gib = torch.cuda.max_memory_allocated() / 2**30
         else:
-            self.gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 2**20
+            self.gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def timed(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
     """(seconds per call, peak GiB) over `iters` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
     with Peak(device) as peak:
+        for _ in range(warmup):
+            fn()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()

@@ -1,6 +1,8 @@
 """Sampling a thin latent given the condition latent: the network, the latent space and a sampler."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
@@ -76,3 +78,33 @@ def load_unet(path, device="cpu"):
     net = build_unet(cfg, state["latent_channels"])
     net.load_state_dict(weights)
     return net.to(device).eval(), LatentSpace.from_state(state["latent_space"]), cfg, state
+
+
+def export_unet(src, dst) -> dict:
+    """What inference needs from a U-Net checkpoint (EMA weights, config, latent space, the autoencoder's
+    fingerprint), without optimiser, scheduler and RNG states: pretrained/unet.pt is made with this."""
+    from thinslice.atomic import atomic_path
+
+    net, space, _, state = load_unet(src)
+    slim = {"ema": net.state_dict(), "config": state["config"], "latent_channels": state["latent_channels"],
+            "latent_space": space.state_dict(), "ae_fingerprint": state.get("ae_fingerprint"), "step": state["step"],
+            "val": state.get("val")}
+    with atomic_path(Path(dst)) as tmp:
+        torch.save({k: v for k, v in slim.items() if v is not None}, tmp)
+    return slim
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export the EMA U-Net of a training checkpoint for inference.")
+    p.add_argument("checkpoint", type=Path, help="best.pt or step_*.pt of train/train_unet_latent.py")
+    p.add_argument("output", type=Path, help="e.g. pretrained/unet.pt")
+    args = p.parse_args(argv)
+    slim = export_unet(args.checkpoint, args.output)
+    print(f"{args.output}: step {slim['step']}, {args.output.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

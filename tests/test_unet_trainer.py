@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from ddpm.latent_data import LatentCase, LatentSpace, RandomLatentCrops, ResumableDistributedSampler
+from ddpm.generate import export_unet, load_unet
 from ddpm.latents import main as latents_main
 from ddpm.trainer import diffusion_loss
 from ddpm.trainer import main as train_main
@@ -68,6 +69,12 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     for part in ("model", "ema"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6)
+    slim = tmp_path / "unet.pt"  # what pretrained/unet.pt is made with: the EMA weights alone, same values
+    export_unet(tmp_path / "straight" / "checkpoints" / "step_00000006.pt", slim)
+    net, _, _, state = load_unet(slim)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, a["ema"]["module." + k], rtol=0, atol=0)
+    assert "opt" not in state and slim.stat().st_size < (tmp_path / "straight" / "checkpoints" / "step_00000006.pt").stat().st_size / 2
     val = [json.loads(l) for l in (tmp_path / "straight" / "val.jsonl").read_text().splitlines()]
     assert [v["step"] for v in val] == [3, 6] and all(v["cases"] == 1 for v in val)
     assert val[0]["psnr_cubic"] > 10 and val[0]["psnr_ae_ceiling"] > 0 and val[0]["psnr_direct"] > 0
