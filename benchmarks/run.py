@@ -66,7 +66,7 @@ def timed(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
     return dt, peak.gib
 
 
-def load(path) -> "Config":
+def load(path):
     from thinslice.config import load_config
 
     return load_config(ROOT / path)
@@ -170,7 +170,7 @@ def models_for_benchmark(a):
         f"untrained {a.ae_config} + {a.unet_config}"
 
 
-def synthetic_thick(shape_thin) -> "CTVolume":
+def synthetic_thick(shape_thin):
     """A thick scan whose 1 mm output grid has shape_thin: 5 mm slabs, 0.7 mm pixels, body-like HU."""
     from dataset.volume import CTVolume
 
