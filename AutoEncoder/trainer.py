@@ -24,11 +24,12 @@ from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split
 from dataset.patches import PatchStream, patch_loader
+from thinslice.atomic import write_json
 from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
 from thinslice.config import AutoencoderConfig, Config, ConfigError, load_config
-from thinslice.distributed import DistContext, cleanup, init_distributed, no_sync
+from thinslice.distributed import DistContext, init_distributed, no_sync
 from thinslice.images import midplane_panel
-from thinslice.run import (add_run_arguments, gather_rng, halt_reason, ranks_identical, trim_history, use_bf16,
+from thinslice.run import (add_run_arguments, finish_run, gather_rng, halt_reason, trim_history, use_bf16,
                            with_overrides)
 from thinslice.signals import StopFlag
 
@@ -144,7 +145,7 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
     writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"autoencoder stage {tc.stage}: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M "
               f"trained), {len(train_dirs)} train / {len(val_dirs)} val cases, world {ctx.world}, device {ctx.device}, "
@@ -254,14 +255,7 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
                 tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
-    result = {"step": step, "best_psnr": best, "last_losses": history[-5:]}
-    if ctx.distributed:
-        result["ranks_identical"] = ranks_identical(ctx, model)
-    if ctx.is_main:
-        writer.close()
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    cleanup()
-    return result
+    return finish_run(ctx, model, writer, out_dir, {"step": step, "best_psnr": best, "last_losses": history[-5:]})
 
 
 def parse_args(argv=None):

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinslice.run import use_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 # dense bf16 tensor-core peaks (TFLOP/s) for model FLOPs utilisation
 PEAK_BF16 = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10": 125.0}
@@ -80,7 +82,7 @@ def bench_ae_step(a) -> dict:
     from AutoEncoder.model import PatchVolumeAutoencoder
 
     cfg = load(a.ae_config)
-    dev, bf16 = a.device, a.device == "cuda" or a.bf16
+    dev, bf16 = a.device, use_bf16(torch.device(a.device), cfg.ae_train)  # the trainer's own rule
     model = PatchVolumeAutoencoder(cfg.autoencoder).to(dev).train()
     adv = Adversary(cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.adv_criterion).to(dev)
     opt_g, opt_d = torch.optim.AdamW(model.parameters()), torch.optim.AdamW(adv.parameters())
@@ -114,7 +116,7 @@ def bench_unet_step(a) -> dict:
     from ddpm.trainer import build_diffusion, build_unet, diffusion_loss
 
     cfg = load(a.unet_config)
-    dev, bf16 = a.device, a.device == "cuda" or a.bf16
+    dev, bf16 = a.device, use_bf16(torch.device(a.device), cfg.unet_train)
     c = a.latent_channels
     net = build_unet(cfg, c).to(dev).train()
     if a.channels_last:
@@ -268,7 +270,6 @@ def parse_args(argv=None):
     gpu = a.device == "cuda"
     a.ae_config = a.ae_config or ("config/autoencoder_stage1.yaml" if gpu else "config/autoencoder_cpu_stage1.yaml")
     a.unet_config = a.unet_config or ("config/unet.yaml" if gpu else "config/unet_cpu.yaml")
-    a.bf16 = True  # bf16 autocast: always on GPU; on CPU it is what the CPU configs use (AMX)
     return a
 
 

@@ -28,10 +28,11 @@ from ddpm.samplers import make_sampler
 from ddpm.schedule import cosine_alphas_cumprod
 from ddpm.unet import LatentUNet
 from ddpm.validation import val_crops, validate
+from thinslice.atomic import write_json
 from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
 from thinslice.config import Config, ConfigError, load_config
-from thinslice.distributed import cleanup, init_distributed, no_sync
-from thinslice.run import (add_run_arguments, gather_rng, halt_reason, ranks_identical, trim_history, use_bf16,
+from thinslice.distributed import init_distributed, no_sync
+from thinslice.run import (add_run_arguments, finish_run, gather_rng, halt_reason, trim_history, use_bf16,
                            with_overrides)
 from thinslice.signals import StopFlag
 
@@ -126,7 +127,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     history_path = out_dir / "history.jsonl"
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         print(f"latent U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(crops.cases)} train case(s) ({', '.join(crops.skipped) or 'none'} smaller than the crop), "
               f"{len(vcrops)} val crop(s), world {ctx.world}, device {ctx.device}, bf16 {bf16}, "
@@ -233,14 +234,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                 tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
-    result = {"step": step, "best_psnr": best, "last_losses": losses[-5:]}
-    if ctx.distributed:
-        result["ranks_identical"] = ranks_identical(ctx, model)
-    if ctx.is_main:
-        writer.close()
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    cleanup()
-    return result
+    return finish_run(ctx, model, writer, out_dir, {"step": step, "best_psnr": best, "last_losses": losses[-5:]})
 
 
 def parse_args(argv=None):

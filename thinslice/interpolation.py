@@ -98,6 +98,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     steps = cfg.sample_steps or d.sample_steps
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
+
     def decode_hu(z: torch.Tensor) -> np.ndarray:
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from thinslice.checkpoint import rng_state
 from thinslice.config import Config
-from thinslice.distributed import DistContext
+from thinslice.atomic import write_json
+from thinslice.distributed import DistContext, cleanup
 
 
 def add_run_arguments(p: argparse.ArgumentParser, section: str) -> None:
@@ -72,3 +73,14 @@ def ranks_identical(ctx: DistContext, module: torch.nn.Module) -> bool:
     digests = [None] * ctx.world
     dist.all_gather_object(digests, params_digest(module))
     return len(set(digests)) == 1
+
+
+def finish_run(ctx: DistContext, model: torch.nn.Module, writer, out_dir: Path, result: dict) -> dict:
+    """End of a trainer: the DDP rank check, result.json (rank 0, atomic), process group torn down."""
+    if ctx.distributed:
+        result["ranks_identical"] = ranks_identical(ctx, model)
+    if ctx.is_main:
+        writer.close()
+        write_json(Path(out_dir) / "result.json", result)
+    cleanup()
+    return result
