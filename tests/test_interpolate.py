@@ -17,7 +17,7 @@ from ddpm.samplers import DDIMSampler
 from ddpm.trainer import build_diffusion, build_unet
 from thinslice.config import Config
 from thinslice.interpolate_cli import main
-from thinslice.interpolation import Models, consistency_residual, interpolate, output_grid
+from thinslice.interpolation import Models, consistency_residual, interpolate, latent_ceiling, output_grid
 from thinslice.report import lung_mask, score
 
 from conftest import THICK
@@ -148,8 +148,9 @@ def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic
     np.testing.assert_allclose(img.affine, truth.affine, atol=1e-5)  # lands on the truth's own grid
     assert nib.load(out / f"{name}_std.nii.gz").shape == img.shape
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 7 and {r.split(",")[1] for r in rows[1:]} == {
-        "ours", "ours + consistency", "linear", "linear + consistency", "cubic", "cubic + consistency"}
+    assert len(rows) == 9 and {r.split(",")[1] for r in rows[1:]} == {
+        "ours", "ours + consistency", "linear", "linear + consistency", "cubic", "cubic + consistency",
+        "ceiling", "ceiling + consistency"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["cubic"]["psnr"] > 30  # real chest CT: cubic is a strong baseline
     assert summary["methods"]["ours + consistency"]["consistency_mean_abs_hu"] < 0.5
@@ -169,6 +170,8 @@ def test_residual_decoding_passes_on_only_what_the_network_changed(weights, ches
     cfg = Config().interpolate.model_copy(update={"consistency": False, "window": (16, 16, 8)})
     res = interpolate(thick, models, cfg.model_copy(update={"decode": "residual"}), progress=False)
     np.testing.assert_allclose(res.output, res.cubic, atol=1e-3)
+    # the ceiling decodes a given truth's latent the same way: for the condition itself it is cubic again
+    np.testing.assert_allclose(latent_ceiling(res.cubic, res, models, "residual"), res.cubic, atol=1e-2)
     direct = interpolate(thick, models, cfg.model_copy(update={"decode": "direct"}), progress=False)
     assert np.abs(direct.output - direct.cubic).mean() > 50  # HU: what residual decoding removes
 

@@ -50,6 +50,7 @@ def explain(report_dir: Path, out: Path, pretrained: bool, minutes: float) -> No
     summary = json.loads((report_dir / "summary.json").read_text())["methods"]
     psnr = {m: v["psnr"] for m, v in summary.items()}
     ours, cubic, cubic_c = psnr["ours + consistency"], psnr["cubic"], psnr["cubic + consistency"]
+    ceiling = psnr["ceiling + consistency"]
     case = json.loads((report_dir / "cases.json").read_text())[0]["case"]
     weights = "the shipped weights in pretrained/ (pretrained/MODEL_CARD.md)" if pretrained else \
         "an autoencoder and U-Net trained just now, for a few minutes on the bundled CT"
@@ -63,6 +64,9 @@ What the numbers mean (the table above is {report_dir / 'report.md'})
   This run used {weights}.
   ours {ours:.2f} dB vs cubic {cubic:.2f} dB ({ours - cubic:+.2f} dB); vs cubic + consistency {cubic_c:.2f} dB
   ({ours - cubic_c:+.2f} dB), which is what the projection alone gives without any network.
+  ceiling + consistency {ceiling:.2f} dB: the true 1 mm scan's latent decoded the same way, i.e. a perfect
+  U-Net. {"It does not beat cubic + consistency: this autoencoder, not the U-Net, is what limits the result."
+          if ceiling <= cubic_c else "The gap between ours and it is what a better U-Net could still gain."}
   {"A model trained for minutes on a CPU is not expected to beat cubic; it shows every step runs." if not pretrained
    else "See pretrained/MODEL_CARD.md for how these weights were trained and what they do on other held-out CT."}
 

@@ -79,18 +79,35 @@ class Interpolation:
     mean: np.ndarray  # ours before the consistency step (mean over samples)
     std: np.ndarray | None
     output: np.ndarray  # what is written: consistent (if enabled), float HU
+    cond: torch.Tensor  # latent of the cubic condition
     seconds: dict = field(default_factory=dict)
 
 
+def _autocast(models: "Models"):
+    dev = models.device
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+@torch.no_grad()
+def encode_hu(models: "Models", hu: np.ndarray) -> torch.Tensor:
+    x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), models.window)[None, None].to(models.device)
+    with _autocast(models):
+        return models.autoencoder.encode_volume(x).float()
+
+
+@torch.no_grad()
+def decode_hu(models: "Models", z: torch.Tensor, shape) -> np.ndarray:
+    with _autocast(models):
+        unit = models.autoencoder.decode_volume(z, shape=shape).float()
+    return unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
+
+
 def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> Interpolation:
-    dev, bf16 = models.device, models.device.type == "cuda"
+    bf16 = models.device.type == "cuda"
     t0 = time.perf_counter()
     grid = output_grid(thick, cfg.spacing_mm)
     cubic = thick.sample_at(grid.affine, grid.shape, order=3)
-    x = hu_to_unit(torch.from_numpy(cubic), models.window)[None, None].to(dev)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        cond = models.autoencoder.encode_volume(x).float()
-    del x
+    cond = encode_hu(models, cubic)
     t_enc = time.perf_counter()
     d = models.unet_config.diffusion
     name = cfg.sampler or d.sampler
@@ -99,18 +116,13 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
 
-    def decode_hu(z: torch.Tensor) -> np.ndarray:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            unit = models.autoencoder.decode_volume(z, shape=grid.shape).float()
-        return unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
-
-    offset = cubic - decode_hu(cond) if cfg.decode == "residual" else 0.0
+    offset = cubic - decode_hu(models, cond, grid.shape) if cfg.decode == "residual" else 0.0
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
         bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
         z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
-        hu = decode_hu(z) + offset
+        hu = decode_hu(models, z, grid.shape) + offset
         total = hu if total is None else total + hu
         if cfg.samples > 1:
             total_sq = hu * hu if total_sq is None else total_sq + hu * hu
@@ -120,7 +132,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_sample = time.perf_counter()
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    return Interpolation(grid, cubic, mean, std, output,
+    return Interpolation(grid, cubic, mean, std, output, cond,
                          {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
                           "total": t_end - t0})
 
@@ -129,3 +141,15 @@ def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -
     """How far the slab averages of a thin volume are from the thick scan, in HU."""
     r = np.abs(slab_residual(thin_hu, np.asarray(thick.array), grid.weights))
     return {"mean_abs_hu": float(r.mean()), "max_abs_hu": float(r.max())}
+
+
+def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models, decode: str) -> np.ndarray:
+    """What a perfect U-Net would give: the true thin scan's latent, decoded the way `decode` does.
+
+    Scored next to ours, it tells whether the autoencoder or the U-Net limits the result: when this
+    is no better than cubic, no amount of U-Net training can beat cubic with this autoencoder.
+    """
+    out = decode_hu(models, encode_hu(models, truth_hu), res.grid.shape)
+    if decode == "residual":
+        out += res.cubic - decode_hu(models, res.cond, res.grid.shape)
+    return out.astype(np.float32)
