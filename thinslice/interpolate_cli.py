@@ -85,7 +85,7 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
         lungs = lung_mask(truth_hu[..., z])
         linear = thick.sample_at(res.grid.affine, res.grid.shape, order=1)
         methods = {"ours": res.mean, "linear": linear, "cubic": res.cubic,
-                   "ceiling": latent_ceiling(truth_hu, res, models, cfg.decode)}
+                   "ceiling": latent_ceiling(truth_hu, res, models)}
         for method, vol in list(methods.items()):
             if method == "ours" and cfg.consistency:  # score what was written (consistent, rounded to int16)
                 methods["ours + consistency"] = final.astype(np.float32)

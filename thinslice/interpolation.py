@@ -79,7 +79,7 @@ class Interpolation:
     mean: np.ndarray  # ours before the consistency step (mean over samples)
     std: np.ndarray | None
     output: np.ndarray  # what is written: consistent (if enabled), float HU
-    cond: torch.Tensor  # latent of the cubic condition
+    offset: np.ndarray | float  # added to every decoded latent: cubic - D(z_cubic) (residual decoding) or 0
     seconds: dict = field(default_factory=dict)
 
 
@@ -116,7 +116,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
 
-    offset = cubic - decode_hu(models, cond, grid.shape) if cfg.decode == "residual" else 0.0
+    offset = (cubic - decode_hu(models, cond, grid.shape)).astype(np.float32) if cfg.decode == "residual" else 0.0
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
@@ -132,7 +132,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_sample = time.perf_counter()
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    return Interpolation(grid, cubic, mean, std, output, cond,
+    return Interpolation(grid, cubic, mean, std, output, offset,
                          {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
                           "total": t_end - t0})
 
@@ -143,13 +143,10 @@ def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -
     return {"mean_abs_hu": float(r.mean()), "max_abs_hu": float(r.max())}
 
 
-def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models, decode: str) -> np.ndarray:
-    """What a perfect U-Net would give: the true thin scan's latent, decoded the way `decode` does.
+def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> np.ndarray:
+    """What a perfect U-Net would give: the true thin scan's latent, decoded the way ours was.
 
     Scored next to ours, it tells whether the autoencoder or the U-Net limits the result: when this
     is no better than cubic, no amount of U-Net training can beat cubic with this autoencoder.
     """
-    out = decode_hu(models, encode_hu(models, truth_hu), res.grid.shape)
-    if decode == "residual":
-        out += res.cubic - decode_hu(models, res.cond, res.grid.shape)
-    return out.astype(np.float32)
+    return (decode_hu(models, encode_hu(models, truth_hu), res.grid.shape) + res.offset).astype(np.float32)
