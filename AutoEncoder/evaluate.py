@@ -13,7 +13,8 @@ from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split, load_case
 from dataset.intensity import hu_to_unit, unit_to_hu
 from thinslice.checkpoint import load_checkpoint
-from thinslice.config import AutoencoderConfig
+from thinslice import precision
+from thinslice.config import AETrainConfig, AutoencoderConfig
 from thinslice.images import midplane_panel
 from thinslice.metrics import LUNG_WINDOW, mae_hu, psnr, ssim_axial
 
@@ -52,10 +53,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     window = tuple(state["config"]["data"]["hu_window"])
+    device = torch.device("cpu")
+    policy = precision.for_loop(device, AETrainConfig.model_validate(state["config"]["ae_train"]))
+    print(f"precision: {policy}")  # the trainer's own rule, so this reproduces its validation figures
     results = {}
     for d in cases:
         t = time.time()
-        metrics, _ = reconstruct_case(model, d, window, torch.device("cpu"))
+        metrics, _ = reconstruct_case(model, d, window, device, policy.bf16)
         metrics["seconds"] = round(time.time() - t, 1)
         results[d.name] = metrics
         print(f"{d.name}: PSNR {metrics['psnr']:.2f} dB, lung {metrics['psnr_lung']:.2f} dB, "

@@ -29,6 +29,7 @@ from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, wa
 from thinslice.config import AutoencoderConfig, Config, ConfigError, load_config
 from thinslice.distributed import DistContext, init_distributed, no_sync
 from thinslice.images import midplane_panel
+from thinslice import precision
 from thinslice.run import (add_run_arguments, finish_run, gather_rng, halt_reason, trim_history, use_bf16,
                            with_overrides)
 from thinslice.signals import StopFlag
@@ -149,7 +150,7 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
         n_params = sum(p.numel() for p in model.parameters())
         print(f"autoencoder stage {tc.stage}: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f} M "
               f"trained), {len(train_dirs)} train / {len(val_dirs)} val cases, world {ctx.world}, device {ctx.device}, "
-              f"starting at step {step}", flush=True)
+              f"precision {precision.for_loop(ctx.device, tc)}, starting at step {step}", flush=True)
         if not val_dirs:
             print("no val cases in the manifest: validation and best-checkpoint selection are skipped", flush=True)
     first_step = step

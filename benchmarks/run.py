@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinslice import precision
 from thinslice.run import use_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +209,7 @@ def bench_latents(a) -> dict:
     """What train/generate_training_latent.py does per case: encode the thin volume and the cubic condition."""
     models, weights = models_for_benchmark(a)
     x = torch.rand(1, 1, *a.shape, device=a.device) * 2 - 1
-    bf16 = a.device == "cuda"
+    bf16 = precision.choose(a.device).bf16
 
     def encode_case():
         with torch.no_grad(), torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):

@@ -25,6 +25,7 @@ from AutoEncoder.evaluate import load_autoencoder
 from dataset.cache import load_case, read_manifest
 from dataset.intensity import hu_to_unit
 from dataset.volume import CTVolume
+from thinslice import precision
 from thinslice.atomic import atomic_path, write_json
 from thinslice.distributed import cleanup, init_distributed
 
@@ -44,11 +45,14 @@ def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
 
 @torch.no_grad()
 def encode_case(model, case_dir: Path, window, device) -> dict[str, torch.Tensor]:
+    """Thin and condition latents, encoded under the same precision policy as interpolation encodes."""
     case = load_case(case_dir)
     out = {}
+    policy = precision.choose(device)
     for name, hu in (("thin", np.asarray(case.thin.array, dtype=np.float32)), ("cond", thick_on_thin_grid(case.thick, case.thin))):
         x = hu_to_unit(torch.from_numpy(hu), window)[None, None].to(device)
-        out[name] = model.encode_volume(x)[0].to(torch.float16).cpu().contiguous()
+        with policy.autocast(device):
+            out[name] = model.encode_volume(x)[0].float().to(torch.float16).cpu().contiguous()
     return out
 
 

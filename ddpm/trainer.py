@@ -32,6 +32,7 @@ from thinslice.atomic import write_json
 from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
 from thinslice.config import Config, ConfigError, load_config
 from thinslice.distributed import init_distributed, no_sync
+from thinslice import precision
 from thinslice.run import (add_run_arguments, finish_run, gather_rng, halt_reason, trim_history, use_bf16,
                            with_overrides)
 from thinslice.signals import StopFlag
@@ -130,7 +131,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
         write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         print(f"latent U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(crops.cases)} train case(s) ({', '.join(crops.skipped) or 'none'} smaller than the crop), "
-              f"{len(vcrops)} val crop(s), world {ctx.world}, device {ctx.device}, bf16 {bf16}, "
+              f"{len(vcrops)} val crop(s), world {ctx.world}, device {ctx.device}, precision {precision.for_loop(ctx.device, tc)}, "
               f"{'residual' if space.residual else 'direct'} target, starting at step {step}", flush=True)
         if not vcrops:
             print("no val case in the latent index: validation and best-checkpoint selection are skipped", flush=True)

@@ -139,8 +139,8 @@ class TrainingLoop(_Strict):
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    bf16: bool = True  # autocast on GPU; on CPU too when cpu_bf16
-    cpu_bf16: bool = False
+    bf16: bool = True  # false: fp32 everywhere; true: thinslice.precision decides from the hardware
+    cpu_bf16: bool | None = None  # None: bf16 on CPU only with AMX / AVX-512-BF16; true/false forces it
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
@@ -236,6 +236,18 @@ class InterpolateConfig(_Strict):
     # residual: output = cubic + D(z_thin) - D(z_cubic), so the autoencoder's own reconstruction error cancels
     # and only what the U-Net changed in latent space reaches the image; direct: output = D(z_thin)
     decode: Literal["residual", "direct"] = "residual"
+    bf16: bool = True  # as in the trainers: thinslice.precision decides from the hardware unless forced
+    cpu_bf16: bool | None = None
+    # > 0: fit a small 2D CNN for this many steps on the input scan's own in-plane pairs and refine the
+    # cubic volume with it before the U-Net's change is added (thinslice/adapt.py); needs decode: residual
+    adapt_steps: int = Field(0, ge=0)
+    adapt_crop: int = Field(64, ge=16)
+
+    @model_validator(mode="after")
+    def _adapt(self):
+        if self.adapt_steps and self.decode != "residual":
+            raise ValueError("adapt_steps needs decode: residual (the adapted volume replaces cubic as the base)")
+        return self
 
 
 class Config(_Strict):

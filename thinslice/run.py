@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from thinslice import precision
 from thinslice.checkpoint import rng_state
 from thinslice.config import Config
 from thinslice.atomic import write_json
@@ -32,8 +33,8 @@ def with_overrides(cfg: Config, section: str, **values) -> Config:
 
 
 def use_bf16(device: torch.device, loop) -> bool:
-    """bf16 autocast on GPU; on CPU only when asked (`cpu_bf16`, worth it with AMX)."""
-    return loop.bf16 and (device.type == "cuda" or loop.cpu_bf16)
+    """bf16 autocast by the one precision policy (thinslice.precision): CUDA, or a CPU with bf16 instructions."""
+    return precision.for_loop(device, loop).bf16
 
 
 def gather_rng(ctx: DistContext) -> list:
