@@ -60,3 +60,26 @@ def tiny_ae_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ae") / "ae.pt"
     torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": 0}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def weights(tiny_ae_checkpoint, tmp_path_factory):
+    """A tiny untrained U-Net checkpoint in the best.pt layout, bound to the tiny autoencoder."""
+    import torch
+
+    from ddpm.latent_data import LatentSpace
+    from ddpm.latents import file_fingerprint
+    from ddpm.trainer import build_unet
+    from thinslice.config import Config
+
+    cfg = Config.model_validate({"unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                          "attention_levels": [1], "window": 2, "heads": 2, "global_depth": 1},
+                                 "diffusion": {"sample_steps": 2},
+                                 "interpolate": {"window": [16, 16, 8]}})
+    torch.manual_seed(0)
+    net = build_unet(cfg, 8)
+    path = tmp_path_factory.mktemp("unet") / "unet.pt"
+    torch.save({"ema": net.state_dict(), "config": cfg.model_dump(mode="json"), "latent_channels": 8,
+                "latent_space": LatentSpace(2.0, True, 4.0).state_dict(),
+                "ae_fingerprint": file_fingerprint(tiny_ae_checkpoint), "step": 0}, path)
+    return tiny_ae_checkpoint, path

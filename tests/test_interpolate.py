@@ -120,22 +120,6 @@ def test_metrics_agree_with_hand_computation(chest):
     assert m["ssim"] == pytest.approx(ssim, abs=0.02)  # MONAI and scikit-image differ only at the borders
 
 
-@pytest.fixture(scope="module")
-def weights(tiny_ae_checkpoint, tmp_path_factory):
-    """A tiny untrained U-Net checkpoint in the best.pt layout, bound to the tiny autoencoder."""
-    cfg = Config.model_validate({"unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                                          "attention_levels": [1], "window": 2, "heads": 2, "global_depth": 1},
-                                 "diffusion": {"sample_steps": 2},
-                                 "interpolate": {"window": [16, 16, 8]}})
-    torch.manual_seed(0)
-    net = build_unet(cfg, 8)
-    path = tmp_path_factory.mktemp("unet") / "unet.pt"
-    torch.save({"ema": net.state_dict(), "config": cfg.model_dump(mode="json"), "latent_channels": 8,
-                "latent_space": LatentSpace(2.0, True, 4.0).state_dict(),
-                "ae_fingerprint": file_fingerprint(tiny_ae_checkpoint), "step": 0}, path)
-    return tiny_ae_checkpoint, path
-
-
 def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic(weights, bundled_cache, tmp_path, capsys):
     ae, unet = weights
     out = tmp_path / "out"

@@ -29,7 +29,9 @@ from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
 from ddpm.latents import file_fingerprint
 from ddpm.samplers import make_sampler
 from ddpm.trainer import build_diffusion
+from thinslice.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.config import InterpolateConfig
+from thinslice.precision import Precision, choose
 
 
 @dataclass
@@ -56,9 +58,14 @@ class Models:
     window: tuple[float, float]  # HU window of the autoencoder
     unet_config: object
     device: torch.device
+    precision: Precision = None  # thinslice.precision.choose(device) unless given
+
+    def __post_init__(self):
+        if self.precision is None:
+            self.precision = choose(self.device)
 
     @classmethod
-    def load(cls, autoencoder: str | Path, unet: str | Path, device) -> "Models":
+    def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None) -> "Models":
         for what, path in (("autoencoder", autoencoder), ("U-Net", unet)):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{what} checkpoint not found: {path} (train one, or put the shipped weights "
@@ -69,7 +76,8 @@ class Models:
         if expected and expected != actual:
             raise ValueError(f"{unet} was trained on latents of another autoencoder than {autoencoder} "
                              f"(fingerprint {expected} vs {actual})")
-        return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device)
+        return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device,
+                   policy)
 
 
 @dataclass
@@ -79,13 +87,14 @@ class Interpolation:
     mean: np.ndarray  # ours before the consistency step (mean over samples)
     std: np.ndarray | None
     output: np.ndarray  # what is written: consistent (if enabled), float HU
-    offset: np.ndarray | float  # added to every decoded latent: cubic - D(z_cubic) (residual decoding) or 0
+    offset: np.ndarray | float  # added to every decoded latent: base - D(z_cubic) (residual decoding) or 0
     seconds: dict = field(default_factory=dict)
+    adaptation: np.ndarray | None = None  # what per-scan adaptation added to cubic (base = cubic + this)
+    adapt_info: dict | None = None
 
 
 def _autocast(models: "Models"):
-    dev = models.device
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    return models.precision.autocast(models.device)
 
 
 @torch.no_grad()
@@ -103,8 +112,10 @@ def decode_hu(models: "Models", z: torch.Tensor, shape) -> np.ndarray:
 
 
 def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> Interpolation:
-    bf16 = models.device.type == "cuda"
+    bf16 = models.precision.bf16
     t0 = time.perf_counter()
+    if cfg.adapt_steps:
+        check_adaptable(thick, cfg.spacing_mm, cfg.adapt_crop)
     grid = output_grid(thick, cfg.spacing_mm)
     cubic = thick.sample_at(grid.affine, grid.shape, order=3)
     cond = encode_hu(models, cubic)
@@ -116,7 +127,20 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
 
-    offset = (cubic - decode_hu(models, cond, grid.shape)).astype(np.float32) if cfg.decode == "residual" else 0.0
+    adaptation, adapt_info = None, None
+    if cfg.adapt_steps:
+        settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
+        net, adapt_info = train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
+        t_ref = time.perf_counter()
+        if adapt_info["use"]:
+            adaptation = refine(net, cubic, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - cubic
+        else:
+            adaptation = np.zeros_like(cubic)
+            print(f"adaptation not used: on held-out in-plane pairs of this scan it gave L1 "
+                  f"{adapt_info['check_l1_hu_adapted']:.1f} HU against cubic's {adapt_info['check_l1_hu_cubic']:.1f}")
+        adapt_info["refine_seconds"] = round(time.perf_counter() - t_ref, 2)
+    base = cubic if adaptation is None else cubic + adaptation
+    offset = (base - decode_hu(models, cond, grid.shape)).astype(np.float32) if cfg.decode == "residual" else 0.0
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
@@ -132,9 +156,12 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_sample = time.perf_counter()
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    return Interpolation(grid, cubic, mean, std, output, offset,
-                         {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
-                          "total": t_end - t0})
+    seconds = {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
+               "total": t_end - t0}
+    if adapt_info:
+        seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
+        seconds["sample_decode"] -= seconds["adapt"]
+    return Interpolation(grid, cubic, mean, std, output, offset, seconds, adaptation, adapt_info)
 
 
 def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -> dict:
@@ -149,4 +176,5 @@ def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> 
     Scored next to ours, it tells whether the autoencoder or the U-Net limits the result: when this
     is no better than cubic, no amount of U-Net training can beat cubic with this autoencoder.
     """
-    return (decode_hu(models, encode_hu(models, truth_hu), res.grid.shape) + res.offset).astype(np.float32)
+    offset = res.offset if res.adaptation is None else res.offset - res.adaptation  # relative to cubic
+    return (decode_hu(models, encode_hu(models, truth_hu), res.grid.shape) + offset).astype(np.float32)
