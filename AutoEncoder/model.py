@@ -53,34 +53,37 @@ class PatchVolumeAutoencoder(nn.Module):
         return x
 
     @torch.no_grad()
-    def encode_volume(self, x, overlap: float | None = None):
+    def encode_volume(self, x, overlap: float | None = None, progress: bool = False):
         """Latent of a whole volume (any size), encoded patch-wise. Deterministic (eval latent)."""
         x = self.pad_to_grid(x)
         roi = tuple(min(p, s) for p, s in zip(self.cfg.patch_size, x.shape[2:]))
         roi = tuple(r - r % c for r, c in zip(roi, self.compression))
         h = sliding_window_inference(x, roi, sw_batch_size=4, predictor=self.encoder,
                                      overlap=self.cfg.encode_overlap if overlap is None else overlap,
-                                     mode="gaussian", padding_mode="constant", cval=AIR)
+                                     mode="gaussian", padding_mode="constant", cval=AIR, progress=progress)
         return self.bottleneck.latent(h)
 
-    def decode_volume(self, z, shape=None, chunk=None, halo: int | None = None):
+    def decode_volume(self, z, shape=None, chunk=None, halo: int | None = None, progress: bool = False):
         """Decode a latent volume, in chunks when it exceeds `chunk`; crop to `shape` (X, Y, Z)."""
         chunk = tuple(chunk or self.cfg.decode_chunk)
         halo = self.cfg.decode_halo if halo is None else halo
         if all(s <= c for s, c in zip(z.shape[2:], chunk)):
             out = self.decoder(z)
         else:
-            out = self._decode_chunked(z, chunk, halo)
+            out = self._decode_chunked(z, chunk, halo, progress)
         if shape is not None:
             out = out[(...,) + tuple(slice(0, s) for s in shape)]
         return out
 
-    def _decode_chunked(self, z, chunk, halo):
+    def _decode_chunked(self, z, chunk, halo, progress: bool = False):
+        from tqdm import tqdm
+
         f = self.compression
         B = z.shape[0]
         out = None
         grids = [range(0, s, c) for s, c in zip(z.shape[2:], chunk)]
-        for start in itertools.product(*grids):
+        starts = list(itertools.product(*grids))
+        for start in tqdm(starts, desc="decode", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
             core = [slice(a, min(a + c, s)) for a, c, s in zip(start, chunk, z.shape[2:])]
             ctx = [slice(max(0, sl.start - halo), min(s, sl.stop + halo)) for sl, s in zip(core, z.shape[2:])]
             y = self.decoder(z[(slice(None), slice(None)) + tuple(ctx)])

@@ -22,6 +22,7 @@ from dataset.pairing import choose_pair
 from dataset.readers import case_series, discover_sources
 from dataset.split import assign_split, patient_key, patient_raw_id
 from dataset.thick import simulate_thick
+from dataset.checks import check_ct
 from dataset.volume import CTVolume
 from thinslice.config import ConfigError, DataConfig, load_config
 
@@ -34,12 +35,8 @@ def prep_fingerprint(cfg: DataConfig) -> str:
 
 
 def check_volume(vol: CTVolume, what: str) -> None:
-    arr = vol.array
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise CaseError(f"{what} volume contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo == hi:
-        raise CaseError(f"{what} volume is constant ({lo:g} HU everywhere)")
+    """The checks interpolation applies to its input (dataset.checks): NaN/Inf, not CT, too small."""
+    check_ct(vol, what)
 
 
 def check_overlap(thin: CTVolume, thick: CTVolume, min_fraction: float = 0.5) -> None:

@@ -64,3 +64,17 @@ def test_cli_adapt_reports_with_and_without_and_leaves_weights_untouched(weights
     case = json.loads((out / "cases.json").read_text())[0]
     assert case["adaptation"]["steps"] == 4 and "adapt" in case["seconds"]
     assert "adaptation:" in capsys.readouterr().out
+
+
+def test_cli_falls_back_with_a_message_when_the_scan_is_too_small(weights, tmp_path, capsys):
+    import nibabel as nib
+
+    from conftest import THICK
+
+    img = nib.load(THICK)
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:48, :48], img.affine), small)
+    ae, unet = weights
+    assert main(["--input", str(small), "--output", str(tmp_path / "out"), "--autoencoder", str(ae), "--unet", str(unet),
+                 "--adapt", "5"]) == 0
+    assert "too small for adaptation" in capsys.readouterr().out and (tmp_path / "out" / "small.nii.gz").exists()

@@ -91,7 +91,7 @@ def check_adaptable(thick: CTVolume, out_spacing_mm: float, crop: int) -> None:
         n = int(thick.shape[axis] * thick.spacing[axis] / geom.thin_mm)
         if min(thick.shape[1 - axis], n) < crop:
             raise ValueError(f"scan too small for adaptation: in-plane size {thick.shape[:2]} gives {n} thin samples "
-                             f"along axis {axis}, fewer than the {crop}-pixel crop; run without --adapt")
+                             f"along axis {axis}, fewer than the {crop}-pixel crop")
 
 
 def _planes(p: PairPlanes, held_out: bool) -> np.ndarray:

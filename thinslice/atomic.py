@@ -10,12 +10,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+PARTIAL = ".partial-"  # every temporary file and folder starts with this, so a rerun can find what a kill left
+
+
+def remove_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers left in `folder` (only this module's temporaries); returns what went.
+
+    Call it where a job starts on its own output folder: a concurrent writer to the same folder would
+    lose its temporary file, so two jobs must not share an output folder."""
+    gone = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(f"{PARTIAL}*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `target` (same suffixes); rename it onto `target` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL}{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -30,11 +47,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `target` (which may already exist)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{target.name}.", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{target.name}.old.", dir=target.parent))
             os.replace(target, old / "x")
             os.replace(tmp, target)
             shutil.rmtree(old)

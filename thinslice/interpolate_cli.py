@@ -12,16 +12,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from dataset.checks import check_ct
 from dataset.cache import cases_in_split, load_case
 from dataset.errors import CaseError
 from dataset.intensity import to_int16_hu
 from dataset.readers import case_series
 from dataset.volume import CTVolume
-from thinslice.atomic import atomic_path, write_json
+from thinslice.atomic import atomic_path, remove_partials, write_json
 from thinslice.config import ConfigError, load_config
 from dataset.thick import enforce_slab_consistency
 from thinslice.precision import choose
-from thinslice.interpolation import Models, consistency_residual, interpolate, latent_ceiling
+from thinslice.interpolation import Models, Stages, consistency_residual, interpolate, latent_ceiling
 from thinslice.report import lung_mask, score, scored_slices, write_metrics, write_panel
 
 
@@ -62,12 +63,22 @@ def truth_on_grid(truth: CTVolume, grid) -> tuple[np.ndarray, str | None]:
     return truth.sample_at(grid.affine, grid.shape, order=1), "truth resampled (linear) onto the output grid: its slices do not coincide"
 
 
-def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models, cfg, out: Path, rows: list) -> dict:
+def hu_limits(thick: CTVolume) -> tuple[float, float]:
+    """The output's HU range: valid CT (-1024..3071) widened to whatever the thick input itself holds."""
+    return min(-1024.0, float(thick.array.min())), max(3071.0, float(thick.array.max()))
+
+
+def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models, cfg, out: Path, rows: list,
+             progress: bool = True, stage: Stages | None = None) -> dict:
     if models.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = interpolate(thick, models, cfg)
-    final = to_int16_hu(res.output)
+    stage = stage or Stages(progress)
+    res = interpolate(thick, models, cfg, progress, stage)
+    lo, hi = hu_limits(thick)
+    clipped = int(np.count_nonzero((res.output < lo) | (res.output > hi)))
+    final = to_int16_hu(np.clip(res.output, lo, hi))
+    stage(f"write {out / (name + '.nii.gz')}")
     save_nifti(out / f"{name}.nii.gz", final, res.grid.affine)
     if res.std is not None:
         save_nifti(out / f"{name}_std.nii.gz", res.std.astype(np.float32), res.grid.affine)
@@ -75,12 +86,14 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
             "slab_thickness_mm": thick.thickness, "output_shape": list(res.grid.shape),
             "output_spacing_mm": cfg.spacing_mm, "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
             "consistency_residual": consistency_residual(final.astype(np.float32), thick, res.grid),
+            "clipped_voxels": {"count": clipped, "range_hu": [lo, hi]},
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if res.adapt_info:
         info["adaptation"] = res.adapt_info
     if models.device.type == "cuda":
         info["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if truth is not None:
+        stage("score against the truth (linear, cubic, ceiling) and draw the report")
         truth_hu, note = truth_on_grid(truth, res.grid)
         if note:
             info["note"] = note
@@ -107,8 +120,10 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
             row = {"case": name, "method": method, **score(vol[..., z], truth_hu[..., z], lungs),
                    "consistency_mean_abs_hu": consistency_residual(vol, thick, res.grid)["mean_abs_hu"]}
             rows.append(row)
-        panel = {"thick input": thick.sample_at(res.grid.affine, res.grid.shape, order=0), "cubic": res.cubic, "ours": final.astype(np.float32),
-                 "truth": truth_hu, "|ours - truth|": np.abs(final - truth_hu)}
+        panel = {"thick input": thick.sample_at(res.grid.affine, res.grid.shape, order=0), "cubic": res.cubic,
+                 "ours": final.astype(np.float32), "truth": truth_hu,
+                 "error: cubic - truth": res.cubic - truth_hu,
+                 "error: ours - truth": final.astype(np.float32) - truth_hu}
         if res.std is not None:
             panel["uncertainty (std)"] = res.std
         write_panel(out / f"{name}.png", panel, [float(s) for s in thick.spacing[:2]] + [cfg.spacing_mm])
@@ -136,7 +151,12 @@ def parse_args(argv=None):
                    help="residual (default): cubic + D(z_thin) - D(z_cubic); direct: D(z_thin)")
     p.add_argument("--adapt", type=int, metavar="N",
                    help="fine-tune a per-scan refiner for N steps on the input's own in-plane pairs first "
-                        "(thinslice/adapt.py; about 0.3 s a step on a 2-core CPU); 0 = off (default)")
+                        "(thinslice/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
+    p.add_argument("--fill-nonfinite", type=float, metavar="HU",
+                   help="replace NaN/Inf input voxels with this value (default: refuse such input)")
+    p.add_argument("--not-ct-ok", action="store_true",
+                   help="interpolate volumes that do not look like CT in HU (no air, implausible range)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines (errors and the report only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-cases", type=int, default=None, help="with --split: only the first N cases")
     return p.parse_args(argv)
@@ -164,16 +184,21 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, CaseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.output.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet
+    stage = Stages(progress)
+    for gone in remove_partials(args.output):
+        print(f"removed {gone.name}: a partial file left by an interrupted run", flush=True)
     rows, infos, failed = [], [], 0
     for name, source in jobs:
         try:
+            stage(f"read {source}")
             if args.input:
                 thick, truth = read_thick(source), None
             else:
                 case = load_case(source)
                 thick, truth = case.thick, case.thin
-            info = run_case(name, thick, truth, models, cfg, args.output, rows)
+            thick = check_ct(thick, "input", args.not_ct_ok, args.fill_nonfinite)
+            info = run_case(name, thick, truth, models, cfg, args.output, rows, progress, stage)
         except (CaseError, ValueError, OSError) as e:
             print(f"error: {name}: {e}", file=sys.stderr)
             failed += 1
@@ -181,8 +206,10 @@ def main(argv=None) -> int:
         infos.append(info)
         r = info["consistency_residual"]
         print(f"{name}: {info['output_shape']} at {cfg.spacing_mm:g} mm -> {args.output / (name + '.nii.gz')} "
-              f"({info['seconds']['case']:.1f} s, slab residual {r['mean_abs_hu']:.3f} HU mean, {r['max_abs_hu']:.2f} max)")
-    write_json(args.output / "cases.json", infos)
+              f"({info['seconds']['case']:.1f} s, slab residual {r['mean_abs_hu']:.3f} HU mean, {r['max_abs_hu']:.2f} max, "
+              f"{info['clipped_voxels']['count']} voxel(s) clipped to {info['clipped_voxels']['range_hu']} HU)")
+    if infos:
+        write_json(args.output / "cases.json", infos)
     if rows:
         notes = ["PSNR, SSIM, MAE and lung bias exclude the first and last slab (the thin slices they cover).",
                  "'+ consistency': projected so every slab average equals the thick slice; the written output is "
@@ -190,7 +217,7 @@ def main(argv=None) -> int:
                  "consistency step disabled for the written output (--no-consistency).",
                  "'ceiling': the true thin scan's latent decoded as ours is (a perfect U-Net); when it does not "
                  "beat cubic, the autoencoder, not the U-Net, limits the result."]
-        if cfg.adapt_steps:
+        if any(i.get("adaptation") for i in infos):
             notes.append(f"'ours' includes per-scan adaptation ({cfg.adapt_steps} steps on the input's own in-plane "
                          "pairs); 'ours without adaptation' is the same sample on plain cubic.")
         summary = write_metrics(args.output, rows, notes)

@@ -98,27 +98,47 @@ def _autocast(models: "Models"):
 
 
 @torch.no_grad()
-def encode_hu(models: "Models", hu: np.ndarray) -> torch.Tensor:
+def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch.Tensor:
     x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), models.window)[None, None].to(models.device)
     with _autocast(models):
-        return models.autoencoder.encode_volume(x).float()
+        return models.autoencoder.encode_volume(x, progress=progress).float()
 
 
 @torch.no_grad()
-def decode_hu(models: "Models", z: torch.Tensor, shape) -> np.ndarray:
+def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False) -> np.ndarray:
     with _autocast(models):
-        unit = models.autoencoder.decode_volume(z, shape=shape).float()
+        unit = models.autoencoder.decode_volume(z, shape=shape, progress=progress).float()
     return unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
 
 
-def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> Interpolation:
+class Stages:
+    """One line per stage as it starts, with the time since the first, so a long run is never silent."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:7.1f} s] {what}", flush=True)
+
+
+def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True,
+                stage: Stages | None = None) -> Interpolation:
     bf16 = models.precision.bf16
+    stage = stage or Stages(progress)
     t0 = time.perf_counter()
-    if cfg.adapt_steps:
-        check_adaptable(thick, cfg.spacing_mm, cfg.adapt_crop)
+    adapt = cfg.adapt_steps > 0
+    if adapt:
+        try:
+            check_adaptable(thick, cfg.spacing_mm, cfg.adapt_crop)
+        except ValueError as e:
+            print(f"{e}: adaptation skipped", flush=True)
+            adapt = False
     grid = output_grid(thick, cfg.spacing_mm)
+    stage(f"resample {thick.shape[0]}x{thick.shape[1]}x{thick.shape[2]} -> {'x'.join(map(str, grid.shape))} (cubic)")
     cubic = thick.sample_at(grid.affine, grid.shape, order=3)
-    cond = encode_hu(models, cubic)
+    stage("encode the condition (autoencoder, patch-wise)")
+    cond = encode_hu(models, cubic, progress)
     t_enc = time.perf_counter()
     d = models.unet_config.diffusion
     name = cfg.sampler or d.sampler
@@ -128,11 +148,13 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
 
     adaptation, adapt_info = None, None
-    if cfg.adapt_steps:
+    if adapt:
+        stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs)")
         settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
         net, adapt_info = train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
         t_ref = time.perf_counter()
         if adapt_info["use"]:
+            stage("refine coronal and sagittal planes with the adapted network")
             adaptation = refine(net, cubic, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - cubic
         else:
             adaptation = np.zeros_like(cubic)
@@ -140,13 +162,17 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
                   f"{adapt_info['check_l1_hu_adapted']:.1f} HU against cubic's {adapt_info['check_l1_hu_cubic']:.1f}")
         adapt_info["refine_seconds"] = round(time.perf_counter() - t_ref, 2)
     base = cubic if adaptation is None else cubic + adaptation
-    offset = (base - decode_hu(models, cond, grid.shape)).astype(np.float32) if cfg.decode == "residual" else 0.0
+    if cfg.decode == "residual":
+        stage("decode the condition (residual decoding subtracts it)")
+    offset = (base - decode_hu(models, cond, grid.shape, progress)).astype(np.float32) if cfg.decode == "residual" else 0.0
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
         bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
+        stage(f"sample the thin latent ({steps} {name.upper()} steps" + (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
         z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
-        hu = decode_hu(models, z, grid.shape) + offset
+        stage("decode")
+        hu = decode_hu(models, z, grid.shape, progress) + offset
         total = hu if total is None else total + hu
         if cfg.samples > 1:
             total_sq = hu * hu if total_sq is None else total_sq + hu * hu
@@ -154,6 +180,8 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     std = np.sqrt(np.clip(total_sq / cfg.samples - mean**2, 0, None)).astype(np.float32) if cfg.samples > 1 else None
     mean = mean.astype(np.float32)
     t_sample = time.perf_counter()
+    if cfg.consistency:
+        stage("slab consistency")
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
     seconds = {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,

@@ -77,9 +77,20 @@ def write_metrics(out: Path, rows: list[dict], notes: list[str]) -> dict:
     return summary
 
 
-def write_panel(path: Path, images: dict[str, np.ndarray], spacing, window=(-1024.0, 2048.0)) -> None:
-    """Coronal and sagittal mid-planes of each (X, Y, Z) volume in a column, true aspect from `spacing`;
-    names starting with '|' or 'uncertainty' are shown as 0-200 HU heat maps."""
+DISPLAY_WINDOW = (-1000.0, 400.0)  # chest: lungs to mediastinum in one grey scale (W 1400, L -300)
+ERROR_RANGE = 200.0  # HU either side of zero for signed error maps
+
+
+def _planes(v: np.ndarray, centre) -> list[np.ndarray]:
+    """Axial, coronal and sagittal planes through `centre`, each (horizontal, vertical) for imshow(.T)."""
+    x, y, z = centre
+    return [v[:, :, z], v[:, y, :], v[x, :, :]]
+
+
+def write_panel(path: Path, images: dict[str, np.ndarray], spacing, window=DISPLAY_WINDOW) -> None:
+    """Axial, coronal and sagittal planes of each (X, Y, Z) volume in a column, at their physical aspect,
+    each panel at least 512 px wide, with its window and a colour bar in HU. Names starting with
+    'error' are signed maps (diverging, +-200 HU); 'uncertainty' maps run 0-200 HU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,24 +98,37 @@ def write_panel(path: Path, images: dict[str, np.ndarray], spacing, window=(-102
 
     names = list(images)
     shape = next(iter(images.values())).shape
-    rows_h = [2.6 * shape[2] * spacing[2] / (shape[k] * spacing[k]) for k in (0, 1)]  # true physical aspect
-    fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), sum(rows_h) + 1.0), squeeze=False,
+    centre = tuple(n // 2 for n in shape)
+    extent_mm = [shape[k] * spacing[k] for k in range(3)]
+    # (width mm, height mm) of each row's planes: axial X x Y, coronal X x Z, sagittal Y x Z
+    dims = [(extent_mm[0], extent_mm[1]), (extent_mm[0], extent_mm[2]), (extent_mm[1], extent_mm[2])]
+    col_in = 3.6
+    rows_h = [col_in * h / w for w, h in dims]
+    fig, axes = plt.subplots(3, len(names), figsize=(col_in * len(names) * 1.25, sum(rows_h) + 1.4), squeeze=False,
                              gridspec_kw={"height_ratios": rows_h})
     for col, name in enumerate(names):
         v = images[name]
-        for row, plane in enumerate((v[:, v.shape[1] // 2, :], v[v.shape[0] // 2, :, :])):
+        signed, unc = name.startswith("error"), name.startswith("uncertainty")
+        if signed:
+            cmap, vmin, vmax, label = "RdBu_r", -ERROR_RANGE, ERROR_RANGE, f"HU, +-{ERROR_RANGE:g}"
+        elif unc:
+            cmap, vmin, vmax, label = "magma", 0.0, ERROR_RANGE, f"std HU, 0..{ERROR_RANGE:g}"
+        else:
+            cmap, vmin, vmax, label = "gray", window[0], window[1], f"HU, window {window[0]:g}..{window[1]:g}"
+        for row, (plane, (w, h)) in enumerate(zip(_planes(v, centre), dims)):
             ax = axes[row, col]
-            err = name.startswith("|") or name.startswith("uncertainty")
-            ax.imshow(plane.T, cmap="magma" if err else "gray", origin="lower", aspect=spacing[2] / spacing[row],
-                      vmin=0 if err else window[0], vmax=200 if err else window[1])
+            im = ax.imshow(plane.T, cmap=cmap, origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest",
+                           extent=(0, w, 0, h))
             ax.set_xticks([])
             ax.set_yticks([])
+            bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            bar.ax.tick_params(labelsize=7)
             if row == 0:
-                ax.set_title(name, fontsize=9)
-        axes[0, 0].set_ylabel("coronal")
-        axes[1, 0].set_ylabel("sagittal")
+                ax.set_title(f"{name}\n{label}", fontsize=9)
+        for row, what in enumerate(("axial", "coronal", "sagittal")):
+            axes[row, 0].set_ylabel(what)
     fig.tight_layout()
+    dpi = max(110, int(np.ceil(512 / (col_in * 0.8))))  # each panel at least 512 px wide
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-
