@@ -20,7 +20,7 @@ import numpy as np
 from dataset.volume import CTVolume
 from thinslice.atomic import atomic_dir, write_json, write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed patient pseudonyms
 MANIFEST = "manifest.json"
 FAILURES = "failures.csv"
 

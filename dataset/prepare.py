@@ -20,7 +20,7 @@ from dataset.cache import (CACHE_VERSION, FAILURES, MANIFEST, case_id_for, read_
 from dataset.errors import CaseError
 from dataset.pairing import choose_pair
 from dataset.readers import case_series, discover_sources
-from dataset.split import assign_split, patient_key, patient_raw_id
+from dataset.split import assign_split, dataset_key, patient_key, patient_raw_id
 from dataset.thick import simulate_thick
 from dataset.checks import check_ct
 from dataset.volume import CTVolume
@@ -49,7 +49,8 @@ def check_overlap(thin: CTVolume, thick: CTVolume, min_fraction: float = 0.5) ->
         raise CaseError(f"thick and thin series do not overlap (only {covered * thin.slice_spacing:.0f} mm shared)")
 
 
-def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerprint: str) -> tuple[dict, bool]:
+def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerprint: str,
+                 key: bytes) -> tuple[dict, bool]:
     """Cache one case; returns (meta, reused) where reused means it was already done."""
     case_id = case_id_for(source, root)
     case_dir = cache / "cases" / case_id
@@ -72,7 +73,7 @@ def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerp
         raw_patient = patient_raw_id(case_id, pair.thin.patient_id, cfg.patient_regex)
     meta = {
         "case_id": case_id,
-        "patient": patient_key(raw_patient),
+        "patient": patient_key(raw_patient, key),
         # a label taken from the file name is not identifying; a DICOM PatientID never leaves here
         "patient_label": None if pair.thin.patient_id.strip() else raw_patient,
         "source": str(source.relative_to(root)) if source != root else source.name,
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     sources = discover_sources(root)
     fingerprint = prep_fingerprint(cfg)
+    key = dataset_key(cache)
     done, failures, reused = [], [], 0
     bar = tqdm(sources, unit="case", desc="prepare", dynamic_ncols=True)
     for source in bar:
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         rel = str(source.relative_to(root)) if source != root else source.name
         bar.set_postfix_str(case_id if len(case_id) <= 40 else "…" + case_id[-39:])
         try:
-            meta, was_done = prepare_case(source, root, cache, cfg, fingerprint)
+            meta, was_done = prepare_case(source, root, cache, cfg, fingerprint, key)
         except CaseError as e:
             failures.append((case_id, rel, str(e)))
             continue
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
             failures.append((case_id, rel, f"unexpected {type(e).__name__}: {first}"))
             continue
         reused += was_done
-        split = assign_split(meta["patient"], cfg.split, meta.get("patient_label"))
+        split = assign_split(meta["patient"], cfg.split, meta.get("patient_label"), meta["case_id"])
         done.append({"case_id": meta["case_id"], "patient": meta["patient"], "split": split,
                      "source": meta["source"], "thick_kind": meta["thick_kind"],
                      "thin_shape": meta["thin"]["shape"], "thin_spacing": meta["thin"]["spacing"],

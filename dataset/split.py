@@ -7,14 +7,35 @@ picks test, val or train by the configured fractions. `fixed` pins chosen patien
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import re
+import secrets
+from pathlib import Path
 
+from thinslice.atomic import atomic_path
 from thinslice.config import SplitConfig
 
 
-def patient_key(raw_id: str) -> str:
-    """A stable pseudonym: the raw id (DICOM PatientID or a name) is never written out."""
-    return "pt-" + hashlib.sha256(raw_id.encode()).hexdigest()[:12]
+KEY_FILE = "pseudonym.key"
+
+
+def dataset_key(cache: Path) -> bytes:
+    """The cache's secret for pseudonyms: 32 random bytes made on first use, kept only in the cache
+    (never in latents, checkpoints, logs or reports). Keep it to keep pseudonyms and splits stable;
+    a cache prepared with a new key gets new pseudonyms, hence new splits."""
+    path = Path(cache) / KEY_FILE
+    if not path.exists():
+        with atomic_path(path) as tmp:
+            tmp.write_text(secrets.token_hex(32) + "\n")
+            os.chmod(tmp, 0o600)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def patient_key(raw_id: str, key: bytes) -> str:
+    """A pseudonym that cannot be confirmed: HMAC-SHA256 of the raw id (DICOM PatientID or a name) under
+    the cache's secret key, so holding a candidate id is not enough to check it against the cache."""
+    return "pt-" + hmac.new(key, raw_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def patient_raw_id(case_id: str, dicom_patient_id: str, regex: str | None) -> str:
@@ -27,8 +48,9 @@ def patient_raw_id(case_id: str, dicom_patient_id: str, regex: str | None) -> st
     return case_id
 
 
-def assign_split(patient: str, cfg: SplitConfig, raw_patient: str | None = None) -> str:
-    for key in (patient, raw_patient):
+def assign_split(patient: str, cfg: SplitConfig, raw_patient: str | None = None, case_id: str | None = None) -> str:
+    """`fixed` pins by pseudonym, by a name-derived patient label, or by case id (a local folder name)."""
+    for key in (patient, raw_patient, case_id):
         if key and key in cfg.fixed:
             return cfg.fixed[key]
     digest = hashlib.sha256(f"{cfg.seed}:{patient}".encode()).digest()

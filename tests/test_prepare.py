@@ -119,6 +119,22 @@ def test_nothing_patient_identifying_is_written(prepared):
     assert meta["patient"].startswith("pt-") and meta["patient_label"] is None
 
 
+def test_pseudonyms_cannot_be_confirmed_from_a_candidate_id(prepared, raw, tmp_path):
+    """An unkeyed hash of the PatientID would let anyone holding a candidate id check it; the keyed one
+    depends on the cache's secret, which stays in the cache (mode 0600) and nowhere else."""
+    import hashlib
+
+    cache, _ = prepared
+    meta = json.loads((cache / "cases" / "case_001" / "meta.json").read_text())
+    assert meta["patient"] != "pt-" + hashlib.sha256(b"PAT-SECRET-42").hexdigest()[:12]
+    key_file = cache / "pseudonym.key"
+    assert key_file.exists() and key_file.stat().st_mode & 0o077 == 0
+    other = tmp_path / "other_cache"
+    assert main(["--input", str(raw), "--output", str(other)]) == 0
+    again = json.loads((other / "cases" / "case_001" / "meta.json").read_text())
+    assert again["patient"] != meta["patient"]  # another secret, another pseudonym
+
+
 def test_rerun_resumes_and_split_is_stable_when_a_case_is_added(prepared, raw, chest_block, capsys):
     cache, _ = prepared
     before = {c["case_id"]: c for c in read_manifest(cache)["cases"]}

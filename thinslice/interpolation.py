@@ -12,6 +12,7 @@ autoencoder's blur cancels instead of capping the result at its reconstruction q
 """
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,8 @@ class Stages:
 
     def __call__(self, what: str) -> None:
         if self.enabled:
-            print(f"[{time.perf_counter() - self.t0:7.1f} s] {what}", flush=True)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"[{time.perf_counter() - self.t0:7.1f} s, peak {peak:5.2f} GB] {what}", flush=True)
 
 
 def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True,
