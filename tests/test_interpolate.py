@@ -178,3 +178,31 @@ def test_cli_takes_a_thick_nifti_and_names_bad_inputs(weights, tmp_path, capsys)
     assert "autoencoder checkpoint not found" in capsys.readouterr().err
     assert main(["--split", "test", "--output", str(out), "--autoencoder", str(ae), "--unet", str(unet)]) == 2
     assert "--split needs --cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_slice_axis_resampling_equals_the_3d_spline_on_real_ct(chest, order):
+    """The thin grid keeps the in-plane voxels, so sample_at runs a 1D spline along z; it must equal
+    scipy's 3D spline (the reference) on real CT, for an odd grid too."""
+    from scipy import ndimage
+
+    thick = simulate_thick(chest, 5.0, 5.0)
+    for spacing in (1.0, 1.25, 0.7):
+        grid = output_grid(thick, spacing)
+        m = np.linalg.inv(thick.affine) @ grid.affine
+        ref = ndimage.affine_transform(np.asarray(thick.array, np.float32), m[:3, :3], offset=m[:3, 3],
+                                       output_shape=grid.shape, order=order, mode="nearest")
+        np.testing.assert_allclose(thick.sample_at(grid.affine, grid.shape, order=order), ref, atol=2e-3)
+
+
+def test_decode_chunk_shrinks_to_fit_the_memory_limit(weights):
+    from thinslice.interpolation import DECODER_BYTES_PER_VOXEL, decode_chunk_for
+
+    models = Models.load(*weights, torch.device("cpu"))
+    small = decode_chunk_for(models, (256, 256, 80), 8.0)
+    whole = decode_chunk_for(models, (512, 512, 300), 8.0)
+    tight = decode_chunk_for(models, (512, 512, 300), 4.0)
+    assert small[0] >= whole[0] > tight[0] >= 4
+    halo, f = models.autoencoder.cfg.decode_halo, np.prod(models.autoencoder.compression)
+    per_chunk = (whole[0] + 2 * halo) ** 3 * f * DECODER_BYTES_PER_VOXEL[models.precision.bf16] / 2**30
+    assert per_chunk + 7 * 4 * 512 * 512 * 300 / 2**30 + 1.5 <= 8.0

@@ -225,7 +225,10 @@ class InterpolateConfig(_Strict):
     autoencoder: str = "pretrained/autoencoder.pt"
     unet: str = "pretrained/unet.pt"
     spacing_mm: float = Field(1.0, gt=0)  # output slice spacing
-    sample_steps: int | None = Field(None, gt=0)  # None: diffusion.sample_steps of the U-Net checkpoint
+    # 1: one DDIM step from noise, i.e. the U-Net's posterior-mean estimate of the thin latent: on the held-out
+    # chest it scores as well as 5 or 25 steps (37.13 dB each, within 0.01) at 1/25 of the cost; None: the
+    # U-Net checkpoint's diffusion.sample_steps. Use --samples N with more steps for samples and a std map.
+    sample_steps: int | None = Field(1, gt=0)
     sampler: Literal["ddim", "ddpm"] | None = None
     samples: int = Field(1, gt=0)  # > 1: mean as output, per-voxel std as an uncertainty map
     seed: int = 0
@@ -240,6 +243,9 @@ class InterpolateConfig(_Strict):
     cpu_bf16: bool | None = None
     # > 0: fit a small 2D CNN for this many steps on the input scan's own in-plane pairs and refine the
     # cubic volume with it before the U-Net's change is added (thinslice/adapt.py); needs decode: residual
+    # peak memory the interpolation plans for: the decoder's chunk shrinks to fit it (the decoder at full
+    # resolution is what grows with a chunk; the latent and a few output-sized arrays are what grows with a scan)
+    max_memory_gb: float = Field(8.0, gt=1)
     adapt_steps: int = Field(600, ge=0)  # 600: about 1 min on a 2-core CPU, +1.0..+1.4 dB on held-out chest CT
     adapt_crop: int = Field(64, ge=16)
 

@@ -143,7 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--autoencoder", type=Path, help="autoencoder checkpoint (default: the config's, else pretrained/)")
     p.add_argument("--unet", type=Path, help="U-Net checkpoint (default: the config's, else pretrained/)")
     p.add_argument("--spacing", type=float, help="output slice spacing in mm (default 1.0)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the U-Net config's)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 1: the posterior-mean estimate, as good as 25 on held-out CT)")
     p.add_argument("--samples", type=int, help="samples to average; > 1 also writes a per-voxel std NIfTI")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-consistency", action="store_true", help="skip the slab-consistency projection")

@@ -105,11 +105,30 @@ def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch
         return models.autoencoder.encode_volume(x, progress=progress).float()
 
 
+# Measured peak of the decoder per output voxel of a chunk (halo included): about 185 bytes in bf16 (8 GB for
+# 88^3 latent voxels at 4x4x4); fp32 doubles it. Rounded up.
+DECODER_BYTES_PER_VOXEL = {True: 200, False: 400}
+RUNTIME_GB = 1.5  # python, torch, the models
+OUTPUT_ARRAYS = 7  # output-sized float32 arrays alive at the peak (cubic, offset, base, decoded, mean, output, ...)
+
+
+def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int, int, int]:
+    """The largest cubic latent chunk (at most the autoencoder's own) whose decoding fits the memory left
+    once the output-sized arrays of this scan are counted."""
+    ae = models.autoencoder.cfg
+    halo, f = ae.decode_halo, models.autoencoder.compression
+    left = max_memory_gb - RUNTIME_GB - OUTPUT_ARRAYS * 4 * float(np.prod(shape)) / 2**30
+    per_voxel = DECODER_BYTES_PER_VOXEL[bool(models.precision.bf16)] * float(np.prod(f))
+    edge = int((max(left, 0.25) * 2**30 / per_voxel) ** (1 / 3)) - 2 * halo
+    edge = max(4, min(edge, min(ae.decode_chunk)))
+    return (edge, edge, edge)
+
+
 @torch.no_grad()
-def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False) -> np.ndarray:
+def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None) -> np.ndarray:
     with _autocast(models):
-        unit = models.autoencoder.decode_volume(z, shape=shape, progress=progress).float()
-    return unit_to_hu(unit[0, 0].cpu().numpy().astype(np.float64), models.window)
+        unit = models.autoencoder.decode_volume(z, shape=shape, progress=progress, chunk=chunk).float()
+    return unit_to_hu(unit[0, 0].cpu().numpy(), models.window)
 
 
 class Stages:
@@ -166,7 +185,10 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     base = cubic if adaptation is None else cubic + adaptation
     if cfg.decode == "residual":
         stage("decode the condition (residual decoding subtracts it)")
-    offset = (base - decode_hu(models, cond, grid.shape, progress)).astype(np.float32) if cfg.decode == "residual" else 0.0
+    chunk = decode_chunk_for(models, grid.shape, cfg.max_memory_gb)
+    offset = (base - decode_hu(models, cond, grid.shape, progress, chunk)).astype(np.float32) \
+        if cfg.decode == "residual" else 0.0
+    del base
     total = total_sq = None
     for s in range(cfg.samples):
         gen = torch.Generator().manual_seed(cfg.seed + s)
@@ -174,11 +196,13 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage(f"sample the thin latent ({steps} {name.upper()} steps" + (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
         z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
         stage("decode")
-        hu = decode_hu(models, z, grid.shape, progress) + offset
+        hu = decode_hu(models, z, grid.shape, progress, chunk) + offset
         total = hu if total is None else total + hu
         if cfg.samples > 1:
-            total_sq = hu * hu if total_sq is None else total_sq + hu * hu
+            sq = hu.astype(np.float64) ** 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
+            total_sq = sq if total_sq is None else total_sq + sq
     mean = total / cfg.samples
+    del total
     std = np.sqrt(np.clip(total_sq / cfg.samples - mean**2, 0, None)).astype(np.float32) if cfg.samples > 1 else None
     mean = mean.astype(np.float32)
     t_sample = time.perf_counter()
