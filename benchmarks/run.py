@@ -185,23 +185,32 @@ def synthetic_thick(shape_thin):
 
 
 def bench_interpolate(a) -> dict:
+    """What evaluation/interpolate.py does to one scan with its defaults (adaptation, 1 DDIM step, memory
+    limit), with the time of each stage (the profile) and the ratio to plain cubic resampling."""
     from thinslice.config import InterpolateConfig
-    from thinslice.interpolation import interpolate
+    from thinslice.interpolation import interpolate, output_grid
 
     models, weights = models_for_benchmark(a)
     thick = synthetic_thick(a.shape)
-    cfg = InterpolateConfig(sample_steps=a.sample_steps)
+    overrides = {"sample_steps": a.sample_steps, "adapt_steps": a.adapt}
+    cfg = InterpolateConfig(**{k: v for k, v in overrides.items() if v is not None})
     if a.device == "cuda":
         interpolate(synthetic_thick((64, 64, 40)), models, cfg, progress=False)  # CUDA context and kernels
+    grid = output_grid(thick, cfg.spacing_mm)
+    t0 = time.perf_counter()
+    thick.sample_at(grid.affine, grid.shape, order=3)
+    cubic_s = time.perf_counter() - t0
     with Peak(a.device) as peak:
         t0 = time.perf_counter()
         res = interpolate(thick, models, cfg, progress=False)
         sync(a.device)
         dt = time.perf_counter() - t0
     steps = cfg.sample_steps or models.unet_config.diffusion.sample_steps
-    return {"what": "interpolate one thick scan (cubic, encode, DDIM, decode, consistency)", "weights": weights,
+    return {"what": "interpolate one thick scan (cubic, encode, adapt, DDIM, decode, consistency)", "weights": weights,
             "input_shape": list(thick.shape), "output_shape": list(res.grid.shape), "sample_steps": steps,
+            "adapt_steps": cfg.adapt_steps, "max_memory_gb": cfg.max_memory_gb,
             "seconds": round(dt, 2), "stages_s": {k: round(v, 2) for k, v in res.seconds.items()},
+            "cubic_seconds": round(cubic_s, 2), "ratio_to_cubic": round(dt / max(cubic_s, 1e-6)),
             "output_voxels_per_s": round(int(np.prod(res.grid.shape)) / dt), "peak_gib": round(peak.gib, 2)}
 
 
@@ -241,10 +250,10 @@ def plan(a) -> list[list[str]]:
     """The measurements for this device: (bench, extra arguments)."""
     cpu = a.device == "cpu"
     jobs = [["ae_step"], ["unet_step"], ["latents", "--shape", "256", "256", "150"],
-            ["interpolate", "--shape", "256", "256", "150"]]
+            ["interpolate", "--shape", "256", "256", "150"], ["interpolate", "--shape", "512", "512", "300"]]
     if not cpu:
         jobs += [["unet_step", "--compile"], ["unet_step", "--channels-last"], ["unet_step", "--compile", "--channels-last"],
-                 ["latents", "--shape", "512", "512", "300"], ["interpolate", "--shape", "512", "512", "300"]]
+                 ["latents", "--shape", "512", "512", "300"]]
     return jobs
 
 
@@ -259,7 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--ae-batch", type=int, default=2)
     p.add_argument("--unet-batch", type=int, default=None, help="default: the config's unet_train.batch_size")
     p.add_argument("--latent-channels", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=None, help="default: the U-Net's diffusion.sample_steps")
+    p.add_argument("--sample-steps", type=int, default=None, help="default: interpolation's (1)")
+    p.add_argument("--adapt", type=int, default=None, help="adaptation steps (default: interpolation's, 600)")
     p.add_argument("--untrained", action="store_true", help="ignore pretrained/ (benchmark the configs' models)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -287,6 +297,7 @@ def main(argv=None) -> int:
               "--warmup", str(a.warmup), "--iters", str(a.iters)]
     shared += ["--unet-batch", str(a.unet_batch)] if a.unet_batch else []
     shared += ["--sample-steps", str(a.sample_steps)] if a.sample_steps else []
+    shared += ["--adapt", str(a.adapt)] if a.adapt is not None else []
     shared += ["--untrained"] if a.untrained else []
     rows = []
     for bench, *extra in plan(a):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from pathlib import Path
@@ -26,9 +25,8 @@ def dataset_key(cache: Path) -> bytes:
     a cache prepared with a new key gets new pseudonyms, hence new splits."""
     path = Path(cache) / KEY_FILE
     if not path.exists():
-        with atomic_path(path) as tmp:
+        with atomic_path(path, mode=0o600) as tmp:
             tmp.write_text(secrets.token_hex(32) + "\n")
-            os.chmod(tmp, 0o600)
     return bytes.fromhex(path.read_text().strip())
 
 

@@ -108,3 +108,28 @@ def test_a_killed_writer_leaves_only_complete_files_after_a_rerun(tmp_path):
             assert not f.name.startswith(PARTIAL)
             assert nib.load(f).shape == (256, 256, 64)  # complete and loadable
             np.asarray(nib.load(f).dataobj)
+
+
+def test_outputs_are_readable_like_any_file_but_the_pseudonym_key_stays_private(tmp_path):
+    from dataset.split import dataset_key
+    from thinslice.atomic import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.md", "x")
+        dataset_key(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_every_stage_announces_itself_and_quiet_silences_them(weights, tmp_path, capsys):
+    assert run(weights, THICK, tmp_path / "out") == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    stages = [line.split("] ", 1)[1].split(" ")[0] for line in lines]
+    assert stages[:4] == ["read", "resample", "encode", "decode"] and "write" in stages
+    assert float(lines[0][1:].split(" s")[0]) < 10  # the first line comes at once
+    assert run(weights, THICK, tmp_path / "quiet", "--quiet") == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]

@@ -27,9 +27,18 @@ def remove_partials(folder: str | os.PathLike) -> list[Path]:
     return gone
 
 
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `target` (same suffixes); rename it onto `target` on success."""
+def atomic_path(target: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `target` (same suffixes); rename it onto `target` on success.
+
+    The file gets `mode`, or what a plain open() would give under the umask (mkstemp's own 0600
+    would hide outputs from colleagues)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL}{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
@@ -37,6 +46,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode() if mode is None else mode)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -76,7 +76,7 @@ What the numbers mean (the table above is {report_dir / 'report.md'})
 Outputs ({minutes:.1f} min)
   thin CT (int16 HU, opens in 3D Slicer):  {report_dir / (case + '.nii.gz')}
   report and metrics:                       {report_dir / 'report.md'}, {report_dir / 'metrics.csv'}
-  coronal/sagittal panel:                   {report_dir / (case + '.png')}""")
+  axial/coronal/sagittal panel:            {report_dir / (case + '.png')}""")
     if not pretrained:
         print(f"  training curves and images:               tensorboard --logdir {out / 'runs'}")
 

@@ -107,9 +107,11 @@ def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch
 
 # Measured peak of the decoder per output voxel of a chunk (halo included): about 185 bytes in bf16 (8 GB for
 # 88^3 latent voxels at 4x4x4); fp32 doubles it. Rounded up.
-DECODER_BYTES_PER_VOXEL = {True: 200, False: 400}
+DECODER_BYTES_PER_VOXEL = {True: 240, False: 480}
 RUNTIME_GB = 1.5  # python, torch, the models
-OUTPUT_ARRAYS = 7  # output-sized float32 arrays alive at the peak (cubic, offset, base, decoded, mean, output, ...)
+# output-sized float32 arrays alive at the peak (cubic, adaptation, offset, the decoder's full output and its HU,
+# the running mean, the output, the consistency step's temporaries): 512x512x300 peaked at 9.96 GiB with 7 here
+OUTPUT_ARRAYS = 12
 
 
 def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int, int, int]:
@@ -119,6 +121,9 @@ def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int
     halo, f = ae.decode_halo, models.autoencoder.compression
     left = max_memory_gb - RUNTIME_GB - OUTPUT_ARRAYS * 4 * float(np.prod(shape)) / 2**30
     per_voxel = DECODER_BYTES_PER_VOXEL[bool(models.precision.bf16)] * float(np.prod(f))
+    whole = tuple(int(np.ceil(s / k)) for s, k in zip(shape, f))
+    if np.prod(whole) * per_voxel <= left * 2**30:  # one pass, no halo to recompute
+        return tuple(max(w, c) for w, c in zip(whole, ae.decode_chunk))
     edge = int((max(left, 0.25) * 2**30 / per_voxel) ** (1 / 3)) - 2 * halo
     edge = max(4, min(edge, min(ae.decode_chunk)))
     return (edge, edge, edge)
