@@ -218,10 +218,10 @@ def bench_latents(a) -> dict:
     """What train/generate_training_latent.py does per case: encode the thin volume and the cubic condition."""
     models, weights = models_for_benchmark(a)
     x = torch.rand(1, 1, *a.shape, device=a.device) * 2 - 1
-    bf16 = precision.choose(a.device).bf16
+    policy = precision.choose(a.device)  # what latent generation itself uses
 
     def encode_case():
-        with torch.no_grad(), torch.autocast(a.device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), policy.autocast(a.device):
             models.autoencoder.encode_volume(x)
             models.autoencoder.encode_volume(x)
 

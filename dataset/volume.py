@@ -108,9 +108,8 @@ def _resample_slice_axis(array: np.ndarray, scale: float, offset: float, n_out: 
     weights = ndimage.affine_transform(basis, np.diag([1.0, 1.0, scale]), offset=(0.0, 0.0, offset),
                                        output_shape=(1, n_in, n_out), order=order, mode="nearest")[0]
     out = np.empty(array.shape[:2] + (n_out,), dtype=np.float32)
-    rows = 4096 if array.shape[0] * array.shape[1] > 4096 else array.shape[0] * array.shape[1]
     flat_in, flat_out = array.reshape(-1, n_in), out.reshape(-1, n_out)
     w = weights.astype(np.float32)
-    for start in range(0, flat_in.shape[0], rows):  # row blocks: no full-size float64 temporaries
-        flat_out[start:start + rows] = flat_in[start:start + rows] @ w
+    for start in range(0, flat_in.shape[0], 4096):  # row blocks: no full-size temporaries
+        flat_out[start:start + 4096] = flat_in[start:start + 4096] @ w
     return out

@@ -170,7 +170,8 @@ def refine(net: PlaneCNN, cubic: np.ndarray, thin_mm: float, slab_mm: float, pol
            planes_per_batch: int = 8, progress: bool = True) -> np.ndarray:
     """cubic + the mean of the network's correction over coronal (x, z) and sagittal (y, z) planes, in HU.
 
-    Planes go through in small batches, so memory grows with a plane, not with the scan.
+    Planes go through the network in small batches, so its activations grow with a plane, not with the scan;
+    each of the two directions contributes half of the correction.
     """
     phase = torch.from_numpy(slab_phase(cubic.shape[2], thin_mm, slab_mm))
     correction = np.zeros(cubic.shape, dtype=np.float32)

@@ -94,14 +94,10 @@ class Interpolation:
     adapt_info: dict | None = None
 
 
-def _autocast(models: "Models"):
-    return models.precision.autocast(models.device)
-
-
 @torch.no_grad()
 def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch.Tensor:
     x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), models.window)[None, None].to(models.device)
-    with _autocast(models):
+    with models.precision.autocast(models.device):
         return models.autoencoder.encode_volume(x, progress=progress).float()
 
 
@@ -131,7 +127,7 @@ def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int
 
 @torch.no_grad()
 def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None) -> np.ndarray:
-    with _autocast(models):
+    with models.precision.autocast(models.device):
         unit = models.autoencoder.decode_volume(z, shape=shape, progress=progress, chunk=chunk).float()
     return unit_to_hu(unit[0, 0].cpu().numpy(), models.window)
 
