@@ -114,7 +114,8 @@ def bench_unet_step(a) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ddpm.latent_data import LatentSpace
-    from ddpm.trainer import build_diffusion, build_unet, diffusion_loss
+    from ddpm.build import build_diffusion, build_unet
+    from ddpm.trainer import diffusion_loss
 
     cfg = load(a.unet_config)
     dev, bf16 = a.device, use_bf16(torch.device(a.device), cfg.unet_train)
@@ -157,7 +158,7 @@ def bench_unet_step(a) -> dict:
 def models_for_benchmark(a):
     from AutoEncoder.model import PatchVolumeAutoencoder
     from ddpm.latent_data import LatentSpace
-    from ddpm.trainer import build_diffusion, build_unet
+    from ddpm.build import build_diffusion, build_unet
     from thinslice.interpolation import Models
 
     dev = torch.device(a.device)

@@ -1,6 +1,6 @@
 """The prepared-dataset cache: one folder per case, a manifest and a failures file.
 
-CACHE/cases/<case_id>/{thin.nii, thick.nii, meta.json} is written into a temporary folder and
+CACHE/cases/<case_id>/{thin.nii, thick.nii, meta.json} is written (a thick-only case has no thin.nii) into a temporary folder and
 renamed into place, so a case folder that exists is complete. Uncompressed NIfTI keeps the affine,
 opens in 3D Slicer, and memory-maps for fast patch sampling.
 """
@@ -53,10 +53,12 @@ def volume_meta(vol: CTVolume) -> dict:
             "orientation": vol.orientation, "dtype": str(vol.array.dtype)}
 
 
-def write_case(case_dir: Path, thin: CTVolume, thick: CTVolume, meta: dict) -> dict:
-    meta = {**meta, "cache_version": CACHE_VERSION, "thin": volume_meta(thin), "thick": volume_meta(thick)}
+def write_case(case_dir: Path, thin: CTVolume | None, thick: CTVolume, meta: dict) -> dict:
+    meta = {**meta, "cache_version": CACHE_VERSION, "thin": volume_meta(thin) if thin is not None else None,
+            "thick": volume_meta(thick)}
     with atomic_dir(case_dir) as tmp:
-        nib.save(thin.to_nifti(), tmp / "thin.nii")
+        if thin is not None:
+            nib.save(thin.to_nifti(), tmp / "thin.nii")
         nib.save(thick.to_nifti(), tmp / "thick.nii")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -72,7 +74,7 @@ def read_meta(case_dir: Path) -> dict | None:
 @dataclass
 class CachedCase:
     case_id: str
-    thin: CTVolume
+    thin: CTVolume | None  # None: a thick-only case
     thick: CTVolume
     meta: dict
 
@@ -87,8 +89,8 @@ def load_case(case_dir: str | Path) -> CachedCase:
     meta = read_meta(case_dir)
     if meta is None:
         raise FileNotFoundError(f"{case_dir}: not a prepared case (meta.json missing)")
-    return CachedCase(meta["case_id"], _load_nifti(case_dir / "thin.nii", meta["thin"]["slice_thickness"]),
-                      _load_nifti(case_dir / "thick.nii", meta["thick"]["slice_thickness"]), meta)
+    thin = _load_nifti(case_dir / "thin.nii", meta["thin"]["slice_thickness"]) if meta.get("thin") else None
+    return CachedCase(meta["case_id"], thin, _load_nifti(case_dir / "thick.nii", meta["thick"]["slice_thickness"]), meta)
 
 
 def write_manifest(cache: Path, cases: list[dict], config: dict) -> None:
@@ -105,9 +107,15 @@ def read_manifest(cache: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def cases_in_split(cache: str | Path, split: str) -> list[Path]:
+def has_thin(entry: dict) -> bool:
+    return entry.get("thick_kind") != "thick-only"
+
+
+def cases_in_split(cache: str | Path, split: str, thick_only: bool = False) -> list[Path]:
+    """Case folders of a split; thick-only cases (no thin truth) only when asked for."""
     cache = Path(cache)
-    return [cache / "cases" / c["case_id"] for c in read_manifest(cache)["cases"] if c["split"] == split]
+    return [cache / "cases" / c["case_id"] for c in read_manifest(cache)["cases"]
+            if c["split"] == split and (thick_only or has_thin(c))]
 
 
 def write_failures(cache: Path, failures: list[tuple[str, str, str]]) -> None:

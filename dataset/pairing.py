@@ -9,7 +9,7 @@ from thinslice.config import SeriesSelection
 
 @dataclass
 class Pair:
-    thin: object
+    thin: object | None  # None: a thick-only case (in-plane training pairs only, nothing to score against)
     thick: object | None  # None: simulate it from the thin series
     skipped: list[str] = field(default_factory=list)
 
@@ -44,9 +44,13 @@ def choose_pair(series: list, sel: SeriesSelection, target_spacing: float = 5.0)
                            f"(<= {sel.thin_max_spacing_mm:g}) nor thick (>= {sel.thick_min_spacing_mm:g})")
     if not thins:
         found = "; ".join(_describe(s) for s in usable)
+        if thicks and sel.keep_thick_only:
+            thick = thicks[0]
+            skipped += [f"series {s.name}: another thick series, kept {thick.name}" for s in thicks[1:]]
+            return Pair(None, thick, skipped)
         if thicks:
             raise CaseError(f"only thick series, no thin truth (<= {sel.thin_max_spacing_mm:g} mm) "
-                            f"to learn from or score against: {found}")
+                            f"to learn from or score against: {found} (keep_thick_only is off)")
         raise CaseError(f"no thin series (<= {sel.thin_max_spacing_mm:g} mm): {found}")
     thin = thins[0]
     skipped += [f"series {s.name}: another thin series, kept {thin.name}" for s in thins[1:]]

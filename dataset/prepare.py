@@ -60,9 +60,15 @@ def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerp
         return meta, True
     with case_series(source, workdir=cache) as series:
         pair = choose_pair(series, cfg.series, cfg.thick.slab_spacing_mm)
-        thin = pair.thin.read()
-        check_volume(thin, "thin")
-        if pair.thick is not None:
+        thin = None
+        if pair.thin is not None:
+            thin = pair.thin.read()
+            check_volume(thin, "thin")
+        if pair.thin is None:
+            thick = pair.thick.read()
+            check_volume(thick, "thick")
+            thick_kind = "thick-only"
+        elif pair.thick is not None:
             thick = pair.thick.read()
             check_volume(thick, "thick")
             check_overlap(thin, thick)
@@ -70,16 +76,17 @@ def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerp
         else:
             thick = simulate_thick(thin, cfg.thick.slab_thickness_mm, cfg.thick.slab_spacing_mm)
             thick_kind = "simulated"
-        raw_patient = patient_raw_id(case_id, pair.thin.patient_id, cfg.patient_regex)
+        named = pair.thin if pair.thin is not None else pair.thick
+        raw_patient = patient_raw_id(case_id, named.patient_id, cfg.patient_regex)
     meta = {
         "case_id": case_id,
         "patient": patient_key(raw_patient, key),
         # a label taken from the file name is not identifying; a DICOM PatientID never leaves here
-        "patient_label": None if pair.thin.patient_id.strip() else raw_patient,
+        "patient_label": None if named.patient_id.strip() else raw_patient,
         "source": str(source.relative_to(root)) if source != root else source.name,
         "source_sha256": checksum,
         "prep_fingerprint": fingerprint,
-        "thin_series": pair.thin.name,
+        "thin_series": pair.thin.name if pair.thin is not None else None,
         "thick_series": pair.thick.name if pair.thick is not None else None,
         "thick_kind": thick_kind,
         "slab": {"thickness_mm": thick.thickness, "spacing_mm": thick.slice_spacing},
@@ -131,13 +138,15 @@ def main(argv=None) -> int:
         split = assign_split(meta["patient"], cfg.split, meta.get("patient_label"), meta["case_id"])
         done.append({"case_id": meta["case_id"], "patient": meta["patient"], "split": split,
                      "source": meta["source"], "thick_kind": meta["thick_kind"],
-                     "thin_shape": meta["thin"]["shape"], "thin_spacing": meta["thin"]["spacing"],
+                     "thin_shape": (meta["thin"] or {}).get("shape"), "thin_spacing": (meta["thin"] or {}).get("spacing"),
                      "thick_spacing": meta["thick"]["spacing"]})
     write_manifest(cache, done, cfg.model_dump(mode="json"))
     write_failures(cache, failures)
     counts = {s: sum(c["split"] == s for c in done) for s in ("train", "val", "test")}
+    thick_only = sum(c["thick_kind"] == "thick-only" for c in done)
     print(f"prepared {len(done)} case(s) ({reused} already done), {len(failures)} failed; "
-          f"split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}")
+          f"split train/val/test = {counts['train']}/{counts['val']}/{counts['test']}"
+          + (f"; {thick_only} thick-only (no thin truth: in-plane training pairs only, never scored)" if thick_only else ""))
     print(f"manifest: {cache / MANIFEST}")
     if failures:
         print(f"failures: {cache / FAILURES}")

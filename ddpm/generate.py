@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from ddpm.build import build_unet
 from ddpm.latent_data import LatentSpace
 from ddpm.samplers import Sampler
 from thinslice.checkpoint import load_checkpoint
@@ -53,14 +54,19 @@ def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: i
 @torch.no_grad()
 def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Tensor, spacing: torch.Tensor,
                        steps: int, generator: torch.Generator | None = None, bf16: bool = False, progress=None,
-                       denoiser=None):
+                       denoiser=None, extra: torch.Tensor | None = None):
     """cond: (B, C, X, Y, Z) unscaled condition latent; spacing: (B, 2) mm. Returns the thin latent.
 
-    `denoiser` (default: the whole volume at once) wraps the network, e.g. sliding_window_denoiser."""
-    c, shape = pad_to_multiple(space.condition(cond), net.multiple)
-    noise = torch.randn(c.shape, generator=generator, device="cpu").to(c.device)
+    `denoiser` (default: the whole volume at once) wraps the network, e.g. sliding_window_denoiser.
+    `extra`: more condition channels on the latent grid (the space-to-depth cubic of unet.cond_image)."""
+    c = space.condition(cond)
+    if extra is not None:
+        c = torch.cat([c, extra.to(c)], dim=1)
+    c, shape = pad_to_multiple(c, net.multiple)
+    x_shape = (c.shape[0], cond.shape[1]) + tuple(c.shape[2:])
+    noise = torch.randn(x_shape, generator=generator, device="cpu").to(c.device)
     model = denoiser or whole_volume_denoiser(net, bf16)
-    x0 = sampler.sample(model, c.shape, steps, generator=generator, device=c.device, noise=noise,
+    x0 = sampler.sample(model, x_shape, steps, generator=generator, device=c.device, noise=noise,
                         progress=progress, cond=c, spacing=spacing.to(c.device))
     x0 = x0[(slice(None), slice(None)) + tuple(slice(0, s) for s in shape)]
     return space.to_thin(x0, cond)
@@ -68,14 +74,12 @@ def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Te
 
 def load_unet(path, device="cpu"):
     """The EMA weights of a U-Net checkpoint (best.pt or a step checkpoint): (net, latent space, config)."""
-    from ddpm.trainer import build_unet
-
     state = load_checkpoint(path)
     cfg = Config.model_validate(state["config"])
     weights = state["ema"]
     if "n_averaged" in weights:  # a step checkpoint holds the AveragedModel's own state dict
         weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
-    net = build_unet(cfg, state["latent_channels"])
+    net = build_unet(cfg, state["latent_channels"], state.get("compression"))
     net.load_state_dict(weights)
     return net.to(device).eval(), LatentSpace.from_state(state["latent_space"]), cfg, state
 
@@ -88,6 +92,7 @@ def export_unet(src, dst) -> dict:
     net, space, _, state = load_unet(src)
     slim = {"ema": net.state_dict(), "config": state["config"], "latent_channels": state["latent_channels"],
             "latent_space": space.state_dict(), "ae_fingerprint": state.get("ae_fingerprint"), "step": state["step"],
+            "compression": state.get("compression"),
             "val": state.get("val")}
     with atomic_path(Path(dst)) as tmp:
         torch.save({k: v for k, v in slim.items() if v is not None}, tmp)

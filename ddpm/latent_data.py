@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors import safe_open
 from torch.utils.data import Dataset, DistributedSampler
 
 
@@ -21,6 +22,20 @@ class LatentCase:
     thin: torch.Tensor  # (C, X, Y, Z) float32
     cond: torch.Tensor
     spacing: torch.Tensor  # (2,): thick and thin slice spacing in mm
+    cond_image: torch.Tensor | None = None  # (1, X, Y, Z) unit-scale cubic crop (extra pairs only)
+    kind: str = "case"  # case: the case's own pair; z or inplane: an extra pair crop
+
+
+def space_to_depth(image: torch.Tensor, factor) -> torch.Tensor:
+    """(B, 1, X, Y, Z) -> (B, fx*fy*fz, X/fx, Y/fy, Z/fz): every image voxel of a latent voxel as a channel,
+    padded at the far end with the image's minimum (air) to a multiple of the factor, as the encoder pads."""
+    fx, fy, fz = factor
+    pad = [(-s) % f for s, f in zip(image.shape[2:], factor)]
+    if any(pad):
+        image = F.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]], value=float(image.min()))
+    b, c, X, Y, Z = image.shape
+    t = image.reshape(b, c, X // fx, fx, Y // fy, fy, Z // fz, fz).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return t.reshape(b, c * fx * fy * fz, X // fx, Y // fy, Z // fz)
 
 
 def read_index(latents: str | Path) -> dict:
@@ -30,15 +45,24 @@ def read_index(latents: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_latent_cases(latents: str | Path, split: str) -> list[LatentCase]:
+def load_latent_cases(latents: str | Path, split: str, whole: bool = True, pairs: bool = True) -> list[LatentCase]:
+    """The split's latents: each case's own pair (`whole`) and its extra pair crops (`pairs`)."""
     latents = Path(latents)
     out = []
     for c in read_index(latents)["cases"]:
         if c["split"] != split:
             continue
-        t = load_file(str(latents / c["file"]))
-        out.append(LatentCase(c["case_id"], c["split"], t["thin"].float(), t["cond"].float(),
-                              torch.tensor([c["thick_spacing"][2], c["thin_spacing"][2]], dtype=torch.float32)))
+        with safe_open(str(latents / c["file"]), "pt") as f:
+            keys = set(f.keys())
+            if whole and "thin" in keys:
+                out.append(LatentCase(c["case_id"], c["split"], f.get_tensor("thin").float(), f.get_tensor("cond").float(),
+                                      torch.tensor([c["thick_spacing"][2], c["thin_spacing"][2]], dtype=torch.float32)))
+            if pairs:
+                for k, d in enumerate(json.loads(f.metadata().get("pairs", "[]"))):
+                    out.append(LatentCase(f"{c['case_id']}#pair{k}", c["split"], f.get_tensor(f"pair{k}.thin").float(),
+                                          f.get_tensor(f"pair{k}.cond").float(),
+                                          torch.tensor([d["slab_mm"], d["thin_mm"]], dtype=torch.float32),
+                                          f.get_tensor(f"pair{k}.cond_image"), d["kind"]))
     return out
 
 
@@ -84,13 +108,15 @@ def crop_start(shape, size, gen: torch.Generator) -> tuple[int, ...]:
 class RandomLatentCrops(Dataset):
     """`samples_per_case` random crops per case per epoch; call set_epoch with the sampler's."""
 
-    def __init__(self, cases: list[LatentCase], size, samples_per_case: int, seed: int, min_length: int = 1):
+    def __init__(self, cases: list[LatentCase], size, samples_per_case: int, seed: int, min_length: int = 1,
+                 cond_image: bool = False):
         fits = [c for c in cases if all(s >= k for s, k in zip(c.thin.shape[1:], size))]
         if not fits:
             shapes = ", ".join(f"{c.case_id} {tuple(c.thin.shape[1:])}" for c in cases) or "none"
             raise ValueError(f"no training latent is at least crop_size {tuple(size)} (latent shapes: {shapes})")
-        self.cases, self.size, self.seed, self.epoch = fits, tuple(size), seed, 0
-        self.skipped = [c.case_id for c in cases if c not in fits]
+        self.cases, self.size, self.seed, self.epoch, self.cond_image = fits, tuple(size), seed, 0, cond_image
+        kept = {id(c) for c in fits}
+        self.skipped = [c.case_id for c in cases if id(c) not in kept]
         self.length = max(len(fits) * samples_per_case, min_length)
 
     def set_epoch(self, epoch: int) -> None:
@@ -104,10 +130,16 @@ class RandomLatentCrops(Dataset):
         case = self.cases[int(torch.randint(0, len(self.cases), (1,), generator=gen))]
         start = crop_start(case.thin.shape[1:], self.size, gen)
         sl = (slice(None),) + tuple(slice(s, s + c) for s, c in zip(start, self.size))
-        thin, cond = case.thin[sl], case.cond[sl]
+        out = {"thin": case.thin[sl], "cond": case.cond[sl]}
+        if self.cond_image:
+            f = [i // z for i, z in zip(case.cond_image.shape[1:], case.thin.shape[1:])]
+            out["cond_image"] = case.cond_image[(slice(None),) + tuple(slice(s * g, (s + c) * g) for s, c, g in
+                                                                       zip(start, self.size, f))].float()
         if torch.rand((), generator=gen) < 0.5:  # left-right flip: anatomy is mirror-plausible
-            thin, cond = thin.flip(1), cond.flip(1)
-        return {"thin": thin.contiguous(), "cond": cond.contiguous(), "spacing": case.spacing}
+            out = {k: v.flip(1) for k, v in out.items()}
+        if self.size[0] == self.size[1] and torch.rand((), generator=gen) < 0.5:  # swap the in-plane axes
+            out = {k: v.transpose(1, 2) for k, v in out.items()}
+        return {**{k: v.contiguous() for k, v in out.items()}, "spacing": case.spacing}
 
 
 class ResumableDistributedSampler(DistributedSampler):

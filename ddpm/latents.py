@@ -2,10 +2,13 @@
 
 Per case, `<case_id>.safetensors` holds `thin` (the target latent) and `cond` (the thick scan
 resampled onto the thin grid with cubic B-splines, then encoded the same way), in float16, with
-shape, spacings, split and the autoencoder checkpoint's fingerprint as metadata. `index.json` lists
-the cases and the latent scale factor (1 / std of the training split's thin latents). A case done
-with the same fingerprint is skipped; a different fingerprint is re-encoded. Under torchrun the
-cases are sharded across ranks.
+shape, spacings, split and the autoencoder checkpoint's fingerprint as metadata. Training cases also
+hold `pair{k}.thin`, `pair{k}.cond` and `pair{k}.cond_image` (the cubic crop itself, unit scale) for
+the extra pairs of ddpm/pair_crops.py (several slab thicknesses and phases, in-plane pairs), each
+described in the `pairs` metadata (kind, axis, slab, phase, origin); a thick-only case has only
+those. `index.json` lists the cases and the latent scale factor (1 / std of the training split's
+thin latents). A case done with the same fingerprint is skipped; a different fingerprint is
+re-encoded. Under torchrun the cases are sharded across ranks.
 """
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from AutoEncoder.evaluate import load_autoencoder
-from dataset.cache import load_case, read_manifest
+from dataset.cache import has_thin, load_case, read_manifest
 from dataset.intensity import hu_to_unit
 from dataset.volume import CTVolume
+from ddpm.pair_crops import pair_crops
 from thinslice import precision
 from thinslice.atomic import atomic_path, write_json
+from thinslice.config import ConfigError, LatentsConfig, load_config
 from thinslice.distributed import cleanup, init_distributed
 
 
@@ -44,16 +49,34 @@ def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_case(model, case_dir: Path, window, device) -> dict[str, torch.Tensor]:
-    """Thin and condition latents, encoded under the same precision policy as interpolation encodes."""
+def encode_hu(model, hu: np.ndarray, window, device) -> torch.Tensor:
+    """One volume's latent, encoded under the same precision policy as interpolation encodes."""
+    x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), window)[None, None].to(device)
+    with precision.choose(device).autocast(device):
+        return model.encode_volume(x)[0].float().to(torch.float16).cpu().contiguous()
+
+
+def encode_case(model, case_dir: Path, window, device, pairs: LatentsConfig | None = None,
+                progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops."""
     case = load_case(case_dir)
-    out = {}
-    policy = precision.choose(device)
-    for name, hu in (("thin", np.asarray(case.thin.array, dtype=np.float32)), ("cond", thick_on_thin_grid(case.thick, case.thin))):
-        x = hu_to_unit(torch.from_numpy(hu), window)[None, None].to(device)
-        with policy.autocast(device):
-            out[name] = model.encode_volume(x)[0].float().to(torch.float16).cpu().contiguous()
-    return out
+    out, described = {}, []
+    if case.thin is not None:
+        out["thin"] = encode_hu(model, case.thin.array, window, device)
+        out["cond"] = encode_hu(model, thick_on_thin_grid(case.thick, case.thin), window, device)
+    if pairs is not None and pairs.crops_per_pair > 0:
+        crops = pair_crops(case, pairs, model.compression)
+        for k, crop in enumerate(tqdm(crops, desc=f"pairs {case.case_id}", unit="crop", leave=False, disable=not progress)):
+            out[f"pair{k}.thin"] = encode_hu(model, crop.thin_hu, window, device)
+            out[f"pair{k}.cond"] = encode_hu(model, crop.cond_hu, window, device)
+            out[f"pair{k}.cond_image"] = hu_to_unit(torch.from_numpy(crop.cond_hu), window)[None].to(torch.float16).contiguous()
+            described.append(crop.describe)
+    return out, described
+
+
+def pairs_fingerprint(pairs: LatentsConfig | None) -> str:
+    blob = json.dumps(pairs.model_dump(mode="json") if pairs is not None else None, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def read_metadata(path: Path) -> dict | None:
@@ -64,28 +87,39 @@ def read_metadata(path: Path) -> dict | None:
         return None
 
 
-def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "test")) -> dict:
+def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "test"),
+             pairs: LatentsConfig | None = None) -> dict:
+    """`pairs`: extra training pairs per training case (ddpm/pair_crops.py); None: each case's own pair only."""
     ctx = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     model, state = load_autoencoder(checkpoint, ctx.device)
     fingerprint = file_fingerprint(checkpoint)
     window = tuple(state["config"]["data"]["hu_window"])
     manifest = [c for c in read_manifest(cache)["cases"] if c["split"] in splits]
+    # a thick-only case only trains (in-plane pairs): in val or test it has nothing to score against
+    manifest = [c for c in manifest if has_thin(c) or (c["split"] == "train" and pairs is not None)]
     mine = manifest[ctx.rank::ctx.world]
     failures = {}
     for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
         path = out / f"{c['case_id']}.safetensors"
+        case_pairs = pairs if c["split"] == "train" else None
+        want = pairs_fingerprint(case_pairs)
         meta = read_metadata(path)
-        if meta and meta.get("ae_fingerprint") == fingerprint:
+        if meta and meta.get("ae_fingerprint") == fingerprint and meta.get("pairs_fingerprint") == want:
             continue
         try:
-            tensors = encode_case(model, Path(cache) / "cases" / c["case_id"], window, ctx.device)
+            tensors, described = encode_case(model, Path(cache) / "cases" / c["case_id"], window, ctx.device,
+                                             case_pairs, progress=ctx.is_main)
+            if not tensors:
+                raise ValueError("no pair fits the crop (volume too small)")
         except Exception as e:  # one bad case never stops the run
             failures[c["case_id"]] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             continue
-        meta = {"case_id": c["case_id"], "split": c["split"], "ae_fingerprint": fingerprint,
-                "thin_spacing": json.dumps(c["thin_spacing"]), "thick_spacing": json.dumps(c["thick_spacing"]),
-                "image_shape": json.dumps(c["thin_shape"]), "latent_shape": json.dumps(list(tensors["thin"].shape))}
+        meta = {"case_id": c["case_id"], "split": c["split"], "ae_fingerprint": fingerprint, "pairs_fingerprint": want,
+                "thick_kind": c.get("thick_kind", ""), "thin_spacing": json.dumps(c["thin_spacing"]),
+                "thick_spacing": json.dumps(c["thick_spacing"]), "image_shape": json.dumps(c["thin_shape"]),
+                "latent_shape": json.dumps(list(tensors["thin"].shape) if "thin" in tensors else None),
+                "pairs": json.dumps(described)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
     if ctx.distributed:
@@ -94,13 +128,14 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
         failures = {k: v for part in gathered for k, v in part.items()}
     index = {}
     if ctx.is_main:
-        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache)
+        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, model.compression)
     ctx.barrier()
     cleanup()
     return index
 
 
-def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict, cache: Path) -> dict:
+def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict, cache: Path,
+                compression=None) -> dict:
     """index.json with the latent scale factor: 1 / std over the training split's thin latents."""
     total, sq, n, cases = 0.0, 0.0, 0, []
     for c in manifest:
@@ -108,15 +143,20 @@ def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failure
         meta = read_metadata(path)
         if not meta or meta.get("ae_fingerprint") != fingerprint:
             continue
+        pairs = json.loads(meta.get("pairs", "[]"))
         cases.append({"case_id": c["case_id"], "split": c["split"], "file": path.name,
-                      "latent_shape": json.loads(meta["latent_shape"]),
-                      "thin_spacing": json.loads(meta["thin_spacing"]), "thick_spacing": json.loads(meta["thick_spacing"])})
+                      "thick_kind": meta.get("thick_kind", ""), "latent_shape": json.loads(meta["latent_shape"]),
+                      "thin_spacing": json.loads(meta["thin_spacing"]), "thick_spacing": json.loads(meta["thick_spacing"]),
+                      "pairs": len(pairs), "pair_kinds": {k: sum(p["kind"] == k for p in pairs) for k in ("z", "inplane")}})
         if c["split"] == "train":
             with safe_open(str(path), "pt") as f:
-                z = f.get_tensor("thin").double()
-            total, sq, n = total + float(z.sum()), sq + float(z.pow(2).sum()), n + z.numel()
+                names = [k for k in f.keys() if k == "thin" or k.endswith(".thin")]
+                for name in names:
+                    z = f.get_tensor(name).double()
+                    total, sq, n = total + float(z.sum()), sq + float(z.pow(2).sum()), n + z.numel()
     std = (sq / n - (total / n) ** 2) ** 0.5 if n else None
     index = {"ae_checkpoint": str(Path(checkpoint).resolve()), "ae_fingerprint": fingerprint, "cache": str(Path(cache).resolve()),
+             "compression": list(compression) if compression else None,
              "scale_factor": (1.0 / std) if std else None, "cases": cases, "failures": failures}
     write_json(out / "index.json", index)
     return index
@@ -129,19 +169,24 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, type=Path, help="latent folder; reruns skip cases already done")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"],
                    help="encode only these splits (the U-Net trains on train and validates on val)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML whose latents: section sets the extra training pairs (defaults if omitted)")
+    p.add_argument("--no-pairs", action="store_true", help="only each case's own (thin, cond) pair, as before")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits))
-    except FileNotFoundError as e:
+        pairs = None if args.no_pairs else load_config(args.config).latents
+        index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits), pairs)
+    except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if index:
-        print(f"{len(index['cases'])} case(s) in {args.output / 'index.json'}, scale factor {index['scale_factor']}, "
-              f"{len(index['failures'])} failed")
+        n_pairs = sum(c["pairs"] for c in index["cases"])
+        print(f"{len(index['cases'])} case(s) and {n_pairs} extra pair crop(s) in {args.output / 'index.json'}, "
+              f"scale factor {index['scale_factor']}, {len(index['failures'])} failed")
         for case_id, reason in index["failures"].items():
             print(f"  {case_id}: {reason}")
     return 0

@@ -21,12 +21,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from AutoEncoder.evaluate import load_autoencoder
+from ddpm.build import build_diffusion, build_unet, condition_input
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
                               read_index)
 from ddpm.samplers import make_sampler
-from ddpm.schedule import cosine_alphas_cumprod
-from ddpm.unet import LatentUNet
 from ddpm.validation import val_crops, validate
 from thinslice.atomic import write_json
 from thinslice.checkpoint import Checkpoints, load_checkpoint, set_rng_state, warmup_cosine
@@ -40,18 +39,8 @@ from thinslice.signals import StopFlag
 BUCKETS = 10  # loss by timestep bucket: t in [0, 100), [100, 200), ...
 
 
-def build_unet(cfg: Config, latent_channels: int) -> LatentUNet:
-    u = cfg.unet
-    return LatentUNet(latent_channels, u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_levels,
-                      u.window, u.dit_depth, u.heads, u.global_depth, u.grad_checkpoint)
-
-
-def build_diffusion(cfg: Config) -> GaussianDiffusion:
-    d = cfg.diffusion
-    return GaussianDiffusion(cosine_alphas_cumprod(d.num_steps), d.prediction, d.min_snr_gamma)
-
-
-def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool):
+def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool,
+                   compression=None):
     """Per-sample weighted loss of one batch; the one function both DDP and single runs differentiate."""
     x0 = space.to_x0(batch["thin"], batch["cond"])
 
@@ -59,7 +48,8 @@ def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             return net(x, tt, **kw)
 
-    return diffusion.training_losses(model, x0, t, noise, cond=space.condition(batch["cond"]), spacing=batch["spacing"])
+    cond = condition_input(space, batch["cond"], batch.get("cond_image"), compression)
+    return diffusion.training_losses(model, x0, t, noise, cond=cond, spacing=batch["spacing"])
 
 
 def check_crop(cfg: Config, multiple: int) -> None:
@@ -79,11 +69,14 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     bf16 = use_bf16(ctx.device, tc)
 
     index = read_index(latents)
-    train_cases = load_latent_cases(latents, "train")
+    compression = tuple(index.get("compression") or ()) or None
+    # cond_image needs the cubic crop next to every latent: only the extra pair crops store it
+    train_cases = load_latent_cases(latents, "train", whole=not cfg.unet.cond_image)
     if not train_cases:
-        raise FileNotFoundError(f"{latents}/index.json lists no training case")
-    val_cases = load_latent_cases(latents, "val")[: tc.val_max_cases]
-    model = build_unet(cfg, train_cases[0].thin.shape[0]).to(ctx.device)
+        raise FileNotFoundError(f"{latents}/index.json lists no training case"
+                                + (" with extra pairs (unet.cond_image trains on those only)" if cfg.unet.cond_image else ""))
+    val_cases = load_latent_cases(latents, "val", pairs=False)[: tc.val_max_cases]
+    model = build_unet(cfg, train_cases[0].thin.shape[0], compression).to(ctx.device)
     check_crop(cfg, model.multiple)
     diffusion = build_diffusion(cfg)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
@@ -107,7 +100,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
 
     net = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
     crops = RandomLatentCrops(train_cases, tc.crop_size, tc.samples_per_case, tc.seed,
-                              min_length=ctx.world * tc.batch_size)
+                              min_length=ctx.world * tc.batch_size, cond_image=cfg.unet.cond_image)
     sampler = ResumableDistributedSampler(crops, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=tc.seed)
     loader = DataLoader(crops, batch_size=tc.batch_size, sampler=sampler, drop_last=True, num_workers=tc.num_workers,
                         pin_memory=ctx.device.type == "cuda", generator=torch.Generator().manual_seed(tc.seed))
@@ -130,7 +123,9 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         print(f"latent U-Net: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"{len(crops.cases)} train case(s) ({', '.join(crops.skipped) or 'none'} smaller than the crop), "
+              f"{len(crops.cases)} training pair(s) ({sum(c.kind == 'case' for c in crops.cases)} whole cases, "
+              f"{sum(c.kind == 'z' for c in crops.cases)} z and {sum(c.kind == 'inplane' for c in crops.cases)} in-plane "
+              f"pair crops; {len(crops.skipped)} smaller than the crop), "
               f"{len(vcrops)} val crop(s), world {ctx.world}, device {ctx.device}, precision {precision.for_loop(ctx.device, tc)}, "
               f"{'residual' if space.residual else 'direct'} target, starting at step {step}", flush=True)
         if not vcrops:
@@ -151,7 +146,8 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
             ckpts.save(step, {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                               "sched": sched.state_dict(), "best_psnr": best, "rng": rngs,
                               "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
-                              "latent_channels": model.latent_channels, "ae_fingerprint": index["ae_fingerprint"]})
+                              "latent_channels": model.latent_channels, "ae_fingerprint": index["ae_fingerprint"],
+                              "compression": compression})
         ctx.barrier()
 
     while step < tc.max_steps:
@@ -170,7 +166,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
             t = torch.randint(0, diffusion.num_steps, (tc.batch_size,)).to(ctx.device)
             noise = torch.randn(batch["thin"].shape).to(ctx.device)
             with no_sync(net, m < tc.grad_accum - 1):
-                per_sample = diffusion_loss(net, diffusion, space, batch, t, noise, bf16)
+                per_sample = diffusion_loss(net, diffusion, space, batch, t, noise, bf16, compression)
                 (per_sample.mean() / tc.grad_accum).backward()
             loss_sum += float(per_sample.detach().mean()) / tc.grad_accum
             b = (t.cpu() * BUCKETS // diffusion.num_steps)
@@ -210,7 +206,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
         if vcrops and (step % tc.val_every == 0 or step == tc.max_steps):
             ema.module.eval()
             metrics, panel = validate(ema.module, ae, space, val_sampler, vcrops, tc.val_sample_steps,
-                                      tuple(cfg.data.hu_window), ctx, bf16)
+                                      tuple(cfg.data.hu_window), ctx, bf16, compression if cfg.unet.cond_image else None)
             if ctx.is_main:
                 for k, v in metrics.items():
                     writer.add_scalar(f"val/{k}", v, step)
@@ -218,15 +214,16 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                     writer.add_image("val/truth|ours|error", panel, step)
                 with open(out_dir / "val.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
-                tqdm.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB (cubic {metrics['psnr_cubic']:.2f}; "
-                           f"direct decoding {metrics['psnr_direct']:.2f}, its ceiling {metrics['psnr_ae_ceiling']:.2f})")
+                tqdm.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB (cubic {metrics['psnr_cubic']:.2f}, "
+                           f"perfect U-Net {metrics['psnr_ceiling']:.2f}; direct decoding {metrics['psnr_direct']:.2f}, "
+                           f"its ceiling {metrics['psnr_ae_ceiling']:.2f})")
             if metrics["psnr"] > best:
                 best = metrics["psnr"]
                 if ctx.is_main:
                     ckpts.save_as("best.pt", {"step": step, "ema": ema.module.state_dict(), "val": metrics,
                                               "latent_space": space.state_dict(), "config": cfg.model_dump(mode="json"),
                                               "latent_channels": model.latent_channels,
-                                              "ae_fingerprint": index["ae_fingerprint"]})
+                                              "ae_fingerprint": index["ae_fingerprint"], "compression": compression})
         why = halt_reason(ctx, stop.stop, stop_after, step - first_step)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or why:
             save()

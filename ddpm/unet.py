@@ -3,7 +3,8 @@
 Conv ResBlocks with timestep (and spacing) modulation carry local detail; adaLN-Zero DiT blocks
 attend within latent sub-volumes of `window`^3 tokens at the attention levels (intra-patch), and
 over all tokens at the bottleneck (inter-patch, global). The condition latent (thick scan brought
-onto the thin grid and encoded) is concatenated on channels; the thick and thin spacings are
+onto the thin grid and encoded; optionally also that cubic volume itself, space-to-depth onto the
+latent grid, which is lossless) is concatenated on channels; the thick and thin spacings are
 embedded so one network serves several slice thicknesses.
 """
 from __future__ import annotations
@@ -101,9 +102,10 @@ class WindowAttention(nn.Module):
 class LatentUNet(nn.Module):
     def __init__(self, latent_channels: int = 8, model_channels: int = 64, channel_mult=(1, 2, 4),
                  num_res_blocks: int = 2, attention_levels=(1,), window: int = 4, dit_depth: int = 1,
-                 heads: int = 4, global_depth: int = 2, grad_checkpoint: bool = False):
+                 heads: int = 4, global_depth: int = 2, grad_checkpoint: bool = False, cond_channels: int | None = None):
         super().__init__()
         self.latent_channels = latent_channels
+        self.cond_channels = latent_channels if cond_channels is None else cond_channels
         self.grad_checkpoint = grad_checkpoint
         self.levels = len(channel_mult)
         self.attention_levels, self.window = tuple(attention_levels), window
@@ -111,7 +113,7 @@ class LatentUNet(nn.Module):
         self.model_channels = model_channels
         self.time_mlp = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.spacing_mlp = nn.Sequential(nn.Linear(2 * model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv3d(2 * latent_channels, model_channels, 3, padding=1)
+        self.conv_in = nn.Conv3d(latent_channels + self.cond_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [model_channels]
         c = model_channels
@@ -161,7 +163,8 @@ class LatentUNet(nn.Module):
         return h
 
     def forward(self, x, t, cond, spacing):
-        """x: noisy latent; t: (B,) steps; cond: condition latent like x; spacing: (B, 2) mm (thick, thin)."""
+        """x: noisy latent; t: (B,) steps; cond: condition latent like x (then, with cond_image, the cubic
+        volume space-to-depth on the latent grid); spacing: (B, 2) mm (thick, thin)."""
         emb = self.time_mlp(sinusoidal(t, self.model_channels))
         sp = torch.log(spacing.float().clamp(min=1e-3)) * 100.0
         emb = emb + self.spacing_mlp(torch.cat([sinusoidal(sp[:, 0], self.model_channels),

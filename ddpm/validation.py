@@ -4,7 +4,8 @@ Each val case contributes a fixed latent crop (its centre, `val_crop`), sampled 
 the curve over training steps compares like with like. Cubic interpolation of the thick scan and
 the autoencoder's own reconstruction of the truth are scored on the same voxels: the floor to beat
 and the ceiling direct decoding allows. `psnr` is ours decoded as evaluation/interpolate.py does by
-default (residual: cubic + D(z) - D(cond)), `psnr_direct` is D(z) alone.
+default (residual: cubic + D(z) - D(cond)), `psnr_direct` is D(z) alone, `psnr_ceiling` the true thin
+latent decoded the residual way (what a perfect U-Net would score).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from dataset.cache import load_case
 from dataset.intensity import hu_to_unit, unit_to_hu
 from ddpm.generate import sample_thin_latent
-from ddpm.latent_data import LatentCase, LatentSpace
+from ddpm.latent_data import LatentCase, LatentSpace, space_to_depth
 from thinslice.images import midplane_panel
 from thinslice.metrics import psnr
 
@@ -56,27 +57,36 @@ def val_crops(cases: list[LatentCase], cache: Path, size, compression) -> list[V
 
 
 @torch.no_grad()
-def validate(net, ae, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, window, ctx, bf16: bool):
-    """Crops sharded over ranks, sums all-reduced: every rank returns the same figures."""
-    sums = torch.zeros(5, dtype=torch.float64)
+def validate(net, ae, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, window, ctx, bf16: bool,
+             cond_image_factor=None):
+    """Crops sharded over ranks, sums all-reduced: every rank returns the same figures.
+    `cond_image_factor`: the compression, when the network also reads the cubic crop (unet.cond_image)."""
+    sums = torch.zeros(6, dtype=torch.float64)
     panel = None
     for k, vc in enumerate(crops):
         if k % ctx.world != ctx.rank:
             continue
         gen = torch.Generator().manual_seed(1234 + k)
-        z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16)
+        extra = None
+        if cond_image_factor is not None:
+            extra = space_to_depth(hu_to_unit(vc.cubic_hu, window), cond_image_factor)[..., :vc.cond.shape[2], :vc.cond.shape[3], :vc.cond.shape[4]]
+        z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16,
+                               extra=None if extra is None else extra.to(ctx.device))
         shape = vc.truth_hu.shape[2:]
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
             ours = ae.decode_volume(z, shape=shape).float().cpu()
             recon = ae.decode_volume(vc.thin.to(ctx.device), shape=shape).float().cpu()
             cond = ae.decode_volume(vc.cond.to(ctx.device), shape=shape).float().cpu()
         direct_hu, recon_hu = unit_to_hu(ours, window), unit_to_hu(recon, window)
-        ours_hu = vc.cubic_hu + direct_hu - unit_to_hu(cond, window)
+        cond_hu = unit_to_hu(cond, window)
+        ours_hu = vc.cubic_hu + direct_hu - cond_hu
+        ceiling_hu = vc.cubic_hu + recon_hu - cond_hu  # a perfect U-Net, decoded the same way
         sums += torch.tensor([psnr(ours_hu, vc.truth_hu), psnr(vc.cubic_hu, vc.truth_hu),
-                              psnr(recon_hu, vc.truth_hu), psnr(direct_hu, vc.truth_hu), 1.0], dtype=torch.float64)
+                              psnr(recon_hu, vc.truth_hu), psnr(direct_hu, vc.truth_hu), 1.0,
+                              psnr(ceiling_hu, vc.truth_hu)], dtype=torch.float64)
         if panel is None:
             panel = midplane_panel(hu_to_unit(vc.truth_hu[0, 0], window), hu_to_unit(ours_hu[0, 0], window))
     sums = ctx.all_reduce_sum(sums).cpu()
     n = max(1.0, float(sums[4]))
     return {"psnr": float(sums[0]) / n, "psnr_cubic": float(sums[1]) / n, "psnr_ae_ceiling": float(sums[2]) / n,
-            "psnr_direct": float(sums[3]) / n, "cases": int(sums[4])}, panel
+            "psnr_direct": float(sums[3]) / n, "cases": int(sums[4]), "psnr_ceiling": float(sums[5]) / n}, panel

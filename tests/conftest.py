@@ -69,7 +69,7 @@ def weights(tiny_ae_checkpoint, tmp_path_factory):
 
     from ddpm.latent_data import LatentSpace
     from ddpm.latents import file_fingerprint
-    from ddpm.trainer import build_unet
+    from ddpm.build import build_unet
     from thinslice.config import Config
 
     cfg = Config.model_validate({"unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,

@@ -5,7 +5,8 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddpm.trainer import build_diffusion, build_unet, diffusion_loss
+from ddpm.build import build_diffusion, build_unet
+from ddpm.trainer import diffusion_loss
 from ddpm.latent_data import LatentSpace
 from thinslice.config import load_config
 from thinslice.distributed import cleanup, init_distributed

@@ -14,7 +14,7 @@ from ddpm.generate import sample_thin_latent, sliding_window_denoiser, whole_vol
 from ddpm.latent_data import LatentSpace
 from ddpm.latents import file_fingerprint
 from ddpm.samplers import DDIMSampler
-from ddpm.trainer import build_diffusion, build_unet
+from ddpm.build import build_diffusion, build_unet
 from thinslice.config import Config
 from thinslice.interpolate_cli import main
 from thinslice.interpolation import Models, consistency_residual, interpolate, latent_ceiling, output_grid

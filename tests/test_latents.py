@@ -34,7 +34,7 @@ def files(folder):
 
 def test_generation_resumes_to_the_same_files_and_reencodes_a_new_autoencoder(bundled_cache, checkpoint, tmp_path):
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(clean)]) == 0
+    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(clean), "--no-pairs"]) == 0
     index = json.loads((clean / "index.json").read_text())
     assert len(index["cases"]) == 3 and index["scale_factor"] > 0
     with safe_open(str(clean / "dicom__totalseg-s3_abdomen_2mm.safetensors"), "pt") as f:
@@ -42,12 +42,12 @@ def test_generation_resumes_to_the_same_files_and_reencodes_a_new_autoencoder(bu
     assert thin.dtype == torch.float16 and thin.shape == cond.shape == (8, 128, 128, 5)
     assert meta["split"] == "train" and json.loads(meta["image_shape"]) == [512, 512, 20]
     # a killed run: one case written, one missing, a temp file left behind
-    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(resumed)]) == 0
+    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(resumed), "--no-pairs"]) == 0
     (resumed / "thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x.safetensors").unlink()
     (resumed / "index.json").unlink()
     (resumed / ".x.safetensors.tmp").write_bytes(b"half")
     stamp = (resumed / "dicom__totalseg-s3_abdomen_2mm.safetensors").stat().st_mtime_ns
-    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(resumed)]) == 0
+    assert main(["--cache", str(bundled_cache), "--checkpoint", str(checkpoint), "--output", str(resumed), "--no-pairs"]) == 0
     assert files(resumed) == files(clean)
     assert (resumed / "dicom__totalseg-s3_abdomen_2mm.safetensors").stat().st_mtime_ns == stamp  # skipped
     assert json.loads((resumed / "index.json").read_text()) == index
@@ -56,5 +56,5 @@ def test_generation_resumes_to_the_same_files_and_reencodes_a_new_autoencoder(bu
     state["step"] = 1
     other = tmp_path / "other.pt"
     torch.save(state, other)
-    assert main(["--cache", str(bundled_cache), "--checkpoint", str(other), "--output", str(resumed)]) == 0
+    assert main(["--cache", str(bundled_cache), "--checkpoint", str(other), "--output", str(resumed), "--no-pairs"]) == 0
     assert (resumed / "dicom__totalseg-s3_abdomen_2mm.safetensors").stat().st_mtime_ns != stamp

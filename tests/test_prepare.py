@@ -29,7 +29,6 @@ EXPECTED_FAILURES = {
     "mr_series": "modality MR, not CT",
     "constant": "constant (-1024 HU everywhere)",
     "nan": "NaN",
-    "thick_only": "only thick series",
 }
 
 
@@ -82,8 +81,22 @@ def test_every_bad_input_is_named_with_its_reason_and_good_cases_finish(prepared
         assert needle in failures[case_id], (case_id, failures[case_id])
         assert "\n" not in failures[case_id] and "Traceback" not in failures[case_id]
     manifest = read_manifest(cache)
-    assert sorted(c["case_id"] for c in manifest["cases"]) == ["abdomen_dicom", "case_001", "chest"]
-    assert "prepared 3 case(s) (0 already done), 9 failed" in stdout
+    assert sorted(c["case_id"] for c in manifest["cases"]) == ["abdomen_dicom", "case_001", "chest", "thick_only"]
+    assert "prepared 4 case(s) (0 already done), 8 failed" in stdout and "1 thick-only" in stdout
+
+
+def test_a_thick_only_case_is_kept_as_thick_only_and_never_scored(prepared):
+    cache, _ = prepared
+    entry = {c["case_id"]: c for c in read_manifest(cache)["cases"]}["thick_only"]
+    assert entry["thick_kind"] == "thick-only" and entry["thin_shape"] is None
+    case = load_case(cache / "cases" / "thick_only")
+    assert case.thin is None and not (cache / "cases" / "thick_only" / "thin.nii").exists()
+    src = read_volume(THICK)
+    assert np.array_equal(case.thick.array, src.array) and np.allclose(case.thick.affine, src.affine, atol=1e-6)
+    from dataset.cache import cases_in_split
+    every = [d.name for s in ("train", "val", "test") for d in cases_in_split(cache, s)]
+    assert "thick_only" not in every  # nothing to score or to train the autoencoder on
+    assert "thick_only" in [d.name for s in ("train", "val", "test") for d in cases_in_split(cache, s, thick_only=True)]
 
 
 def test_geometry_survives_read_cache_read(prepared):
@@ -140,7 +153,7 @@ def test_rerun_resumes_and_split_is_stable_when_a_case_is_added(prepared, raw, c
     before = {c["case_id"]: c for c in read_manifest(cache)["cases"]}
     stamp = (cache / "cases" / "chest" / "thin.nii").stat().st_mtime_ns
     assert main(["--input", str(raw), "--output", str(cache)]) == 0
-    assert "prepared 3 case(s) (3 already done)" in capsys.readouterr().out
+    assert "prepared 4 case(s) (4 already done)" in capsys.readouterr().out
     assert (cache / "cases" / "chest" / "thin.nii").stat().st_mtime_ns == stamp
     # a second study of the same patient, and an unrelated case, arrive
     write_series(chest_block, raw / "case_001_followup", patient_id="PAT-SECRET-42")
@@ -163,7 +176,7 @@ def test_changed_source_is_prepared_again(prepared, raw, capsys):
     data[0, 0, 0] += 1
     nib.save(nib.Nifti1Image(data, img.affine, img.header), src)
     assert main(["--input", str(raw), "--output", str(cache)]) == 0
-    assert "(2 already done)" in capsys.readouterr().out
+    assert "(3 already done)" in capsys.readouterr().out
     assert load_case(cache / "cases" / "chest").thin.array[0, 0, 0] == data[0, 0, 0]
 
 

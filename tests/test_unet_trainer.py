@@ -41,7 +41,8 @@ def write_config(path: Path, **train) -> Path:
 def latents(bundled_cache, tiny_ae_checkpoint, tmp_path_factory) -> Path:
     """Latents of the bundled CT: the DICOM abdomen trains, the LIDC chest crop validates, the other chest waits."""
     out = tmp_path_factory.mktemp("latents")
-    assert latents_main(["--cache", str(bundled_cache), "--checkpoint", str(tiny_ae_checkpoint), "--output", str(out)]) == 0
+    assert latents_main(["--cache", str(bundled_cache), "--checkpoint", str(tiny_ae_checkpoint), "--output", str(out),
+                         "--no-pairs"]) == 0
     index = json.loads((out / "index.json").read_text())
     for c in index["cases"]:
         c["split"] = "train" if c["case_id"].startswith("dicom__") else "val" if "lidc" in c["case_id"] else "test"

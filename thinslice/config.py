@@ -35,6 +35,9 @@ class SeriesSelection(_Strict):
     thick_min_spacing_mm: float = Field(3.0, gt=0)
     # "auto": a real thick series when the case has one, else simulate it from the thin series.
     thick_source: Literal["auto", "paired", "simulated"] = "auto"
+    # A case with thick series only is kept as `thick_kind: thick-only`: no truth to score, but its own
+    # in-plane axes still give training pairs (latents.inplane); false lists it as a failure instead.
+    keep_thick_only: bool = True
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -178,6 +181,9 @@ class UNetConfig(_Strict):
     heads: int = Field(4, gt=0)
     global_depth: int = Field(2, ge=0)  # inter-patch (global) attention blocks at the bottleneck
     grad_checkpoint: bool = False
+    # Also give the network the cubic volume itself, rearranged space-to-depth onto the latent grid (one channel
+    # per image voxel of a latent voxel): the condition latent is lossy, this is not.
+    cond_image: bool = False
 
     @model_validator(mode="after")
     def _levels(self):
@@ -199,6 +205,24 @@ class DiffusionConfig(_Strict):
     sampler: Literal["ddim", "ddpm"] = "ddim"
     sample_steps: int = Field(50, gt=0)
     eta: float = Field(0.0, ge=0)
+
+
+class LatentsConfig(_Strict):
+    """Extra training pairs per case for the latent dataset (train/generate_training_latent.py).
+
+    Besides each case's own (thin, cond) pair, `pairs_per_case`-many random crops are cut from pairs
+    made on the fly: z pairs re-thicken the thin series at every slab in `z_slabs_mm` and several
+    slab phases; in-plane pairs (SMORE) make an in-plane axis of the thick scan the slice axis, so
+    thick-only cases train too. Crops, not volumes, are encoded, so the cost per case is bounded."""
+    z_slabs_mm: tuple[float, ...] = (3.0, 5.0, 7.0)  # slab thickness = spacing of the simulated thick scans
+    z_phases: int = Field(2, ge=1)  # slab phases per thickness (offsets of the first slab, in thin slices)
+    inplane: bool = True  # in-plane pairs from every case's thick scan (the only pairs of a thick-only case)
+    inplane_phases: int = Field(2, ge=1)
+    output_spacing_mm: float = Field(1.0, gt=0)  # the thin spacing in-plane pairs are box-averaged to
+    crop: tuple[int, int, int] = (64, 64, 32)  # image voxels per encoded crop, multiples of the compression
+    crops_per_pair: int = Field(4, ge=0)  # 0: no extra pairs, only each case's own (thin, cond)
+    body_threshold_hu: float = -500.0  # crop centres lie in voxels above this
+    seed: int = 0
 
 
 class UNetTrainConfig(TrainingLoop):
@@ -262,6 +286,7 @@ class Config(_Strict):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     loss: LossConfig = LossConfig()
     ae_train: AETrainConfig = AETrainConfig()
+    latents: LatentsConfig = LatentsConfig()
     unet: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     unet_train: UNetTrainConfig = UNetTrainConfig()

@@ -27,9 +27,10 @@ from dataset.intensity import hu_to_unit, unit_to_hu
 from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
 from dataset.volume import CTVolume
 from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
+from ddpm.latent_data import space_to_depth
 from ddpm.latents import file_fingerprint
 from ddpm.samplers import make_sampler
-from ddpm.trainer import build_diffusion
+from ddpm.build import build_diffusion
 from thinslice.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.config import InterpolateConfig
 from thinslice.precision import Precision, choose
@@ -168,6 +169,11 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     steps = cfg.sample_steps or d.sample_steps
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
+    extra = None
+    if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
+        unit = hu_to_unit(torch.from_numpy(cubic), models.window)[None, None]
+        extra = space_to_depth(unit, models.autoencoder.compression)[..., :cond.shape[2], :cond.shape[3], :cond.shape[4]]
+        del unit
 
     adaptation, adapt_info = None, None
     if adapt:
@@ -195,7 +201,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         gen = torch.Generator().manual_seed(cfg.seed + s)
         bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
         stage(f"sample the thin latent ({steps} {name.upper()} steps" + (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
-        z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser)
+        z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser, extra)
         stage("decode")
         hu = decode_hu(models, z, grid.shape, progress, chunk) + offset
         total = hu if total is None else total + hu

@@ -1,0 +1,37 @@
+"""Building the network, the diffusion and the network's condition from a config: shared by training and
+inference, so inference never imports the trainer (and with it TensorBoard and DDP)."""
+from __future__ import annotations
+
+import torch
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.latent_data import LatentSpace, space_to_depth
+from ddpm.schedule import cosine_alphas_cumprod
+from ddpm.unet import LatentUNet
+from thinslice.config import Config
+
+
+def build_unet(cfg: Config, latent_channels: int, compression=None) -> LatentUNet:
+    """`compression`: the autoencoder's, needed when unet.cond_image adds one channel per image voxel."""
+    u = cfg.unet
+    extra = 0
+    if u.cond_image:
+        if compression is None:
+            raise ValueError("unet.cond_image needs the autoencoder's compression")
+        extra = int(torch.tensor(compression).prod())
+    return LatentUNet(latent_channels, u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_levels,
+                      u.window, u.dit_depth, u.heads, u.global_depth, u.grad_checkpoint, latent_channels + extra)
+
+
+def condition_input(space: LatentSpace, cond: torch.Tensor, cond_image: torch.Tensor | None, compression) -> torch.Tensor:
+    """What the network is conditioned on: the scaled condition latent, then (cond_image) the cubic volume
+    space-to-depth on the latent grid."""
+    c = space.condition(cond)
+    if cond_image is None:
+        return c
+    return torch.cat([c, space_to_depth(cond_image.to(c.dtype), compression)[..., :c.shape[2], :c.shape[3], :c.shape[4]]], 1)
+
+
+def build_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(cosine_alphas_cumprod(d.num_steps), d.prediction, d.min_snr_gamma)

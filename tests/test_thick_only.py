@@ -1,0 +1,86 @@
+"""A thick-only archive (no thin series at all) prepares, encodes into in-plane pairs and trains the U-Net;
+extra z pairs of a thin case re-thicken to their condition; the lossless condition reaches the network."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from conftest import THICK
+from dataset.inplane_pairs import rethicken
+from dataset.prepare import main as prepare_main
+from ddpm.generate import load_unet
+from ddpm.latent_data import load_latent_cases, space_to_depth
+from ddpm.latents import main as latents_main
+from ddpm.pair_crops import pair_volumes
+from ddpm.trainer import main as train_main
+from thinslice.config import LatentsConfig
+
+PAIRS = {"latents": {"crop": [32, 32, 16], "crops_per_pair": 2, "z_slabs_mm": [5.0], "z_phases": 2, "inplane_phases": 1}}
+UNET = {
+    "unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [0], "window": 2,
+             "heads": 2, "global_depth": 1},
+    "diffusion": {"sample_steps": 2},
+    "unet_train": {"crop_size": [8, 8, 4], "samples_per_case": 4, "batch_size": 2, "max_steps": 3, "warmup_steps": 1,
+                   "num_workers": 0, "log_every": 1, "checkpoint_every": 3, "keep_last": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def thick_only(tmp_path_factory, tiny_ae_checkpoint):
+    tmp = tmp_path_factory.mktemp("thick_only")
+    (tmp / "raw").mkdir()
+    shutil.copy(THICK, tmp / "raw" / "archive_chest.nii.gz")
+    data = tmp / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"split": {"fixed": {"archive_chest": "train"}}}, **PAIRS}))
+    assert prepare_main(["--input", str(tmp / "raw"), "--output", str(tmp / "cache"), "--config", str(data)]) == 0
+    assert latents_main(["--cache", str(tmp / "cache"), "--checkpoint", str(tiny_ae_checkpoint),
+                         "--output", str(tmp / "latents"), "--config", str(data)]) == 0
+    return tmp
+
+
+def test_a_thick_only_case_prepares_encodes_and_trains(thick_only, tmp_path):
+    index = json.loads((thick_only / "latents" / "index.json").read_text())
+    (entry,) = index["cases"]
+    assert entry["thick_kind"] == "thick-only" and entry["latent_shape"] is None
+    assert entry["pairs"] > 0 and entry["pair_kinds"] == {"z": 0, "inplane": entry["pairs"]}
+    assert index["scale_factor"] > 0 and index["compression"] == [4, 4, 4]
+    with safe_open(str(thick_only / "latents" / entry["file"]), "pt") as f:
+        assert "thin" not in f.keys() and f.get_tensor("pair0.thin").dtype == torch.float16
+    for cond_image in (False, True):
+        cfg = json.loads(json.dumps(UNET))
+        cfg["unet"]["cond_image"] = cond_image
+        (tmp_path / "unet.yaml").write_text(yaml.safe_dump(cfg))
+        run = tmp_path / f"run_{cond_image}"
+        assert train_main(["--config", str(tmp_path / "unet.yaml"), "--latents", str(thick_only / "latents"),
+                           "--output", str(run)]) == 0
+        losses = [json.loads(line)["loss"] for line in (run / "history.jsonl").read_text().splitlines()]
+        assert len(losses) == 3 and all(np.isfinite(losses))
+        net, _, _, _ = load_unet(run / "checkpoints" / "step_00000003.pt")
+        assert net.cond_channels == 8 + (64 if cond_image else 0)
+
+
+def test_extra_pairs_rethicken_to_their_condition_and_carry_the_cubic_crop(thick_only, chest):
+    from dataset.thick import simulate_thick
+    from dataset.volume import CTVolume
+    from dataset.cache import CachedCase
+
+    block = CTVolume(np.ascontiguousarray(chest.array[96:160, 96:160, :40]), chest.affine)
+    case = CachedCase("c", block, simulate_thick(block, 5.0, 5.0), {})
+    pairs = list(pair_volumes(case, LatentsConfig(**PAIRS["latents"])))
+    kinds = [(d["kind"], d["phase"]) for d, _, _ in pairs]
+    assert ("z", 0) in kinds and ("z", 2) in kinds and any(k == "inplane" for k, _ in kinds)
+    for d, cond, thin in pairs:
+        assert cond.shape == thin.shape
+        if d["kind"] == "z":  # the slab means of the target are the condition's slab means (cubic interpolates them)
+            slabs = rethicken(thin, d["thin_mm"], d["slab_mm"])
+            assert np.abs(rethicken(cond, d["thin_mm"], d["slab_mm"]) - slabs).mean() < 25.0
+    # the stored cubic crop is the condition the latent was encoded from, and space-to-depth keeps every voxel
+    (item, *_) = load_latent_cases(thick_only / "latents", "train")
+    image = item.cond_image.float()[None]
+    s2d = space_to_depth(image, (4, 4, 4))
+    assert s2d.shape[1:] == (64,) + tuple(item.thin.shape[1:])
+    assert torch.equal(s2d.flatten().sort().values, image.flatten().sort().values)
