@@ -24,6 +24,8 @@ class LatentCase:
     spacing: torch.Tensor  # (2,): thick and thin slice spacing in mm
     cond_image: torch.Tensor | None = None  # (1, X, Y, Z) unit-scale cubic crop (extra pairs only)
     kind: str = "case"  # case: the case's own pair; z or inplane: an extra pair crop
+    thin_image: torch.Tensor | None = None  # (1, X, Y, Z) unit-scale target crop (extra pairs only)
+    describe: dict | None = None  # the pair's description (kind, axis, slab_mm, thin_mm, phase, origin)
 
 
 def space_to_depth(image: torch.Tensor, factor) -> torch.Tensor:
@@ -62,7 +64,8 @@ def load_latent_cases(latents: str | Path, split: str, whole: bool = True, pairs
                     out.append(LatentCase(f"{c['case_id']}#pair{k}", c["split"], f.get_tensor(f"pair{k}.thin").float(),
                                           f.get_tensor(f"pair{k}.cond").float(),
                                           torch.tensor([d["slab_mm"], d["thin_mm"]], dtype=torch.float32),
-                                          f.get_tensor(f"pair{k}.cond_image"), d["kind"]))
+                                          f.get_tensor(f"pair{k}.cond_image"), d["kind"],
+                                          f.get_tensor(f"pair{k}.thin_image") if f"pair{k}.thin_image" in keys else None, d))
     return out
 
 

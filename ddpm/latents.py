@@ -3,7 +3,8 @@
 Per case, `<case_id>.safetensors` holds `thin` (the target latent) and `cond` (the thick scan
 resampled onto the thin grid with cubic B-splines, then encoded the same way), in float16, with
 shape, spacings, split and the autoencoder checkpoint's fingerprint as metadata. Training cases also
-hold `pair{k}.thin`, `pair{k}.cond` and `pair{k}.cond_image` (the cubic crop itself, unit scale) for
+hold `pair{k}.thin`, `pair{k}.cond`, `pair{k}.cond_image` (the cubic crop itself, unit scale) and
+`pair{k}.thin_image` (the target crop, for validating on crops without the cache) for
 the extra pairs of ddpm/pair_crops.py (several slab thicknesses and phases, in-plane pairs), each
 described in the `pairs` metadata (kind, axis, slab, phase, origin); a thick-only case has only
 those. `index.json` lists the cases and the latent scale factor (1 / std of the training split's
@@ -61,7 +62,7 @@ def encode_case(model, case_dir: Path, window, device, pairs: LatentsConfig | No
     """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops."""
     case = load_case(case_dir)
     out, described = {}, []
-    if case.thin is not None:
+    if case.thin is not None and (pairs is None or pairs.whole_train_cases):
         out["thin"] = encode_hu(model, case.thin.array, window, device)
         out["cond"] = encode_hu(model, thick_on_thin_grid(case.thick, case.thin), window, device)
     if pairs is not None and pairs.crops_per_pair > 0:
@@ -70,6 +71,7 @@ def encode_case(model, case_dir: Path, window, device, pairs: LatentsConfig | No
             out[f"pair{k}.thin"] = encode_hu(model, crop.thin_hu, window, device)
             out[f"pair{k}.cond"] = encode_hu(model, crop.cond_hu, window, device)
             out[f"pair{k}.cond_image"] = hu_to_unit(torch.from_numpy(crop.cond_hu), window)[None].to(torch.float16).contiguous()
+            out[f"pair{k}.thin_image"] = hu_to_unit(torch.from_numpy(crop.thin_hu), window)[None].to(torch.float16).contiguous()
             described.append(crop.describe)
     return out, described
 

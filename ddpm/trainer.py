@@ -75,7 +75,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     if not train_cases:
         raise FileNotFoundError(f"{latents}/index.json lists no training case"
                                 + (" with extra pairs (unet.cond_image trains on those only)" if cfg.unet.cond_image else ""))
-    val_cases = load_latent_cases(latents, "val", pairs=False)[: tc.val_max_cases]
+    val_cases = load_latent_cases(latents, "val")[: tc.val_max_cases]
     model = build_unet(cfg, train_cases[0].thin.shape[0], compression).to(ctx.device)
     check_crop(cfg, model.multiple)
     diffusion = build_diffusion(cfg)
@@ -113,8 +113,9 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
 
     ae, vcrops = None, []
     if val_cases:
-        ae, _ = load_autoencoder(autoencoder or index["ae_checkpoint"], ctx.device)
-        vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, ae.compression)
+        ae, ae_state = load_autoencoder(autoencoder or index["ae_checkpoint"], ctx.device)
+        ae_window = tuple(ae_state["config"]["data"]["hu_window"])
+        vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, ae.compression, ae_window)
     val_sampler = make_sampler(cfg.diffusion.sampler, diffusion, eta=cfg.diffusion.eta)
 
     writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
@@ -206,7 +207,7 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
         if vcrops and (step % tc.val_every == 0 or step == tc.max_steps):
             ema.module.eval()
             metrics, panel = validate(ema.module, ae, space, val_sampler, vcrops, tc.val_sample_steps,
-                                      tuple(cfg.data.hu_window), ctx, bf16, compression if cfg.unet.cond_image else None)
+                                      ae_window, ctx, bf16, compression if cfg.unet.cond_image else None)
             if ctx.is_main:
                 for k, v in metrics.items():
                     writer.add_scalar(f"val/{k}", v, step)

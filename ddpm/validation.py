@@ -37,9 +37,13 @@ def centre_start(shape, size) -> tuple[int, ...]:
     return tuple(max(0, (s - c) // 2) for s, c in zip(shape, size))
 
 
-def val_crops(cases: list[LatentCase], cache: Path, size, compression) -> list[ValCrop]:
+def val_crops(cases: list[LatentCase], cache: Path, size, compression, window=(-1024.0, 2048.0)) -> list[ValCrop]:
     out = []
     for c in cases:
+        if c.thin_image is not None:  # an extra pair crop carries its own truth and cubic: scored whole
+            out.append(ValCrop(c.case_id, c.thin[None], c.cond[None], c.spacing[None],
+                               unit_to_hu(c.thin_image.float(), window)[None], unit_to_hu(c.cond_image.float(), window)[None]))
+            continue
         shape = c.thin.shape[1:]
         size_c = tuple(shape) if size is None else tuple(min(a, b) for a, b in zip(size, shape))
         start = centre_start(shape, size_c)

@@ -84,3 +84,56 @@ def test_extra_pairs_rethicken_to_their_condition_and_carry_the_cubic_crop(thick
     s2d = space_to_depth(image, (4, 4, 4))
     assert s2d.shape[1:] == (64,) + tuple(item.thin.shape[1:])
     assert torch.equal(s2d.flatten().sort().values, image.flatten().sort().values)
+
+
+def test_interpolation_feeds_the_cubic_volume_to_a_cond_image_unet(thick_only, tiny_ae_checkpoint, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from ddpm import generate
+    from thinslice.interpolate_cli import main as interpolate_main
+
+    cfg = json.loads(json.dumps(UNET))
+    cfg["unet"]["cond_image"] = True
+    cfg["unet_train"]["max_steps"] = 1
+    (tmp_path / "unet.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "unet.yaml"), "--latents", str(thick_only / "latents"),
+                       "--output", str(tmp_path / "run")]) == 0
+    seen = {}
+    real = generate.sample_thin_latent
+
+    def spy(net, space, sampler, cond, spacing, steps, *args, **kwargs):
+        extra = args[4] if len(args) > 4 else kwargs.get("extra")
+        seen["extra"], seen["cond"] = extra, cond
+        return real(net, space, sampler, cond, spacing, steps, *args, **kwargs)
+
+    monkeypatch.setattr("thinslice.interpolation.sample_thin_latent", spy)
+    out = tmp_path / "out"
+    assert interpolate_main(["--input", str(THICK), "--output", str(out), "--autoencoder", str(tiny_ae_checkpoint),
+                             "--unet", str(tmp_path / "run" / "checkpoints" / "step_00000001.pt"), "--adapt", "0",
+                             "--spacing", "2.5", "--quiet"]) == 0
+    assert seen["extra"].shape[1] == 64 and seen["extra"].shape[2:] == seen["cond"].shape[2:]
+    assert nib.load(out / THICK.name).shape[:2] == nib.load(THICK).shape[:2]
+
+
+def test_learnability_view_validates_on_the_training_case_own_crops(tmp_path, tiny_ae_checkpoint, chest_block):
+    import nibabel as nib
+
+    from ddpm.learnability import make_view
+
+    (tmp_path / "raw").mkdir()
+    nib.save(chest_block.to_nifti(), tmp_path / "raw" / "chest.nii.gz")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"split": {"fixed": {"chest": "train"}}}, **PAIRS}))
+    assert prepare_main(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "cache"), "--config", str(data)]) == 0
+    assert latents_main(["--cache", str(tmp_path / "cache"), "--checkpoint", str(tiny_ae_checkpoint),
+                         "--output", str(tmp_path / "latents"), "--config", str(data)]) == 0
+    view = make_view(tmp_path / "latents", "chest", tmp_path / "learn", 5.0, 2)
+    assert [c["split"] for c in view["cases"]] == ["train", "val"] and view["cases"][1]["pairs"] == 2
+    cfg = json.loads(json.dumps(UNET))
+    cfg["unet"]["cond_image"] = True
+    cfg["unet_train"].update(max_steps=2, val_every=2, val_sample_steps=1)
+    (tmp_path / "unet.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "unet.yaml"), "--latents", str(tmp_path / "learn"),
+                       "--output", str(tmp_path / "run")]) == 0
+    (val,) = [json.loads(line) for line in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
+    assert val["cases"] == 2 and val["psnr_cubic"] > 20 and np.isfinite(val["psnr_ceiling"])

@@ -222,6 +222,9 @@ class LatentsConfig(_Strict):
     crop: tuple[int, int, int] = (64, 64, 32)  # image voxels per encoded crop, multiples of the compression
     crops_per_pair: int = Field(4, ge=0)  # 0: no extra pairs, only each case's own (thin, cond)
     body_threshold_hu: float = -500.0  # crop centres lie in voxels above this
+    # false: a training case's own whole-volume pair is not encoded (only its crops are; what unet.cond_image
+    # trains on), which keeps the cost bounded on large scans; val and test cases are always encoded whole
+    whole_train_cases: bool = True
     seed: int = 0
 
 
