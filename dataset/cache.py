@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dataset.readers import strip_source_suffix
 from dataset.volume import CTVolume
 from thinslice.atomic import atomic_dir, write_json, write_text
 
@@ -28,11 +29,7 @@ FAILURES = "failures.csv"
 def case_id_for(source: Path, root: Path) -> str:
     """Named after the file or folder it comes from; sub-folders of the input joined with '__'."""
     rel = source.relative_to(root) if source != root else Path(source.name)
-    name = str(rel)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = strip_source_suffix(str(rel))
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).strip("_") or "case"
 
 

@@ -190,7 +190,7 @@ def test_two_process_torchrun_keeps_ranks_identical(bundled_cache, tmp_path):
 
 
 def test_validation_and_evaluation_score_whole_held_out_volumes(stage1_run, bundled_cache, tmp_path):
-    from AutoEncoder.evaluate import load_autoencoder
+    from AutoEncoder.codec import load_autoencoder
     from AutoEncoder.evaluate import main as eval_main
     from AutoEncoder.trainer import validate
     from thinslice.distributed import DistContext
