@@ -19,7 +19,7 @@ import numpy as np
 
 from dataset.readers import strip_source_suffix
 from dataset.volume import CTVolume
-from thinslice.atomic import atomic_dir, write_json, write_text
+from thinslice.atomic import atomic_dir, atomic_path, write_json, write_text
 
 CACHE_VERSION = 2  # 2: keyed patient pseudonyms
 MANIFEST = "manifest.json"
@@ -121,6 +121,19 @@ def write_failures(cache: Path, failures: list[tuple[str, str, str]]) -> None:
     writer.writerow(["case_id", "source", "reason"])
     writer.writerows(sorted(failures))
     write_text(cache / FAILURES, buf.getvalue())
+
+
+CASE_NAMES = "case_names.csv"
+
+
+def write_case_names(cache: Path, rows: list[tuple[str, str]]) -> None:
+    """case id -> source, for case_names: pseudonym; owner-only, never copied into latents or reports."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case_id", "source"])
+    writer.writerows(sorted(rows))
+    with atomic_path(cache / CASE_NAMES, mode=0o600) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def read_failures(cache: str | Path) -> dict[str, str]:
