@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from AutoEncoder.codec import load_autoencoder
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split, load_case
 from dataset.intensity import hu_to_unit, unit_to_hu
@@ -30,13 +31,6 @@ def reconstruct_case(model: PatchVolumeAutoencoder, case_dir: Path, hu_window, d
     metrics = {"psnr": psnr(rec_hu, true_hu), "psnr_lung": psnr(rec_hu, true_hu, LUNG_WINDOW),
                "ssim": ssim_axial(rec_hu, true_hu), "mae_hu": mae_hu(rec_hu, true_hu)}
     return metrics, midplane_panel(x[0, 0].cpu(), rec[0, 0].cpu())
-
-
-def load_autoencoder(path: str | Path, device="cpu") -> tuple[PatchVolumeAutoencoder, dict]:
-    state = load_checkpoint(path)
-    model = PatchVolumeAutoencoder(AutoencoderConfig.model_validate(state["config"]["autoencoder"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
 
 
 def main(argv=None) -> int:

@@ -117,6 +117,7 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
     ckpts = Checkpoints(out_dir / "checkpoints", tc.keep_last)
     step, best = 0, float("-inf")
     latest = ckpts.latest()
+    resume_rng = None
     if latest is not None:
         state = load_checkpoint(latest)
         model.load_state_dict(state["model"])
@@ -127,7 +128,7 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
             opt_d.load_state_dict(state["opt_d"])
             sched_d.load_state_dict(state["sched_d"])
         step, best = state["step"], state["best_psnr"]
-        set_rng_state(state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0])
+        resume_rng = state["rng"][ctx.rank] if ctx.rank < len(state["rng"]) else state["rng"][0]
     set_train_mode(model, tc.stage)
 
     step_module = AutoencoderStep(model, stage2)
@@ -142,6 +143,8 @@ def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None
     batch = 1 if (stage2 and size is None) else tc.batch_size
     stream = PatchStream(train_dirs, cfg.data, size=size, seed=tc.seed)
     batches = iter(patch_loader(stream, batch, ctx.rank, ctx.world, start=step * tc.grad_accum, num_workers=tc.num_workers))
+    if resume_rng is not None:  # after the loader's iterator, which draws its base seed from the global RNG
+        set_rng_state(resume_rng)
 
     writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
     if ctx.is_main:

@@ -17,8 +17,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dataset.readers import strip_source_suffix
 from dataset.volume import CTVolume
-from thinslice.atomic import atomic_dir, write_json, write_text
+from thinslice.atomic import atomic_dir, atomic_path, write_json, write_text
 
 CACHE_VERSION = 2  # 2: keyed patient pseudonyms
 MANIFEST = "manifest.json"
@@ -28,11 +29,7 @@ FAILURES = "failures.csv"
 def case_id_for(source: Path, root: Path) -> str:
     """Named after the file or folder it comes from; sub-folders of the input joined with '__'."""
     rel = source.relative_to(root) if source != root else Path(source.name)
-    name = str(rel)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = strip_source_suffix(str(rel))
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).strip("_") or "case"
 
 
@@ -124,6 +121,19 @@ def write_failures(cache: Path, failures: list[tuple[str, str, str]]) -> None:
     writer.writerow(["case_id", "source", "reason"])
     writer.writerows(sorted(failures))
     write_text(cache / FAILURES, buf.getvalue())
+
+
+CASE_NAMES = "case_names.csv"
+
+
+def write_case_names(cache: Path, rows: list[tuple[str, str]]) -> None:
+    """case id -> source, for case_names: pseudonym; owner-only, never copied into latents or reports."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case_id", "source"])
+    writer.writerows(sorted(rows))
+    with atomic_path(cache / CASE_NAMES, mode=0o600) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def read_failures(cache: str | Path) -> dict[str, str]:

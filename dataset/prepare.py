@@ -16,11 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.cache import (CACHE_VERSION, FAILURES, MANIFEST, case_id_for, read_meta, source_checksum,
-                           write_case, write_failures, write_manifest)
+                           write_case, write_case_names, write_failures, write_manifest)
 from dataset.errors import CaseError
 from dataset.pairing import choose_pair
 from dataset.readers import case_series, discover_sources
-from dataset.split import assign_split, dataset_key, patient_key, patient_raw_id
+from dataset.split import assign_split, case_pseudonym, dataset_key, patient_key, patient_raw_id
 from dataset.thick import simulate_thick
 from dataset.checks import check_ct
 from dataset.volume import CTVolume
@@ -49,10 +49,21 @@ def check_overlap(thin: CTVolume, thick: CTVolume, min_fraction: float = 0.5) ->
         raise CaseError(f"thick and thin series do not overlap (only {covered * thin.slice_spacing:.0f} mm shared)")
 
 
+def case_names(source: Path, root: Path, cfg: DataConfig, key: bytes) -> tuple[str, str, str]:
+    """(case id, source as written to the cache, name the patient regex reads); with case_names: pseudonym
+    neither the id nor the written source repeats the folder or file name."""
+    name = case_id_for(source, root)
+    rel = str(source.relative_to(root)) if source != root else source.name
+    if cfg.case_names == "pseudonym":
+        pseudonym = case_pseudonym(name, key)
+        return pseudonym, pseudonym, name
+    return name, rel, name
+
+
 def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerprint: str,
                  key: bytes) -> tuple[dict, bool]:
     """Cache one case; returns (meta, reused) where reused means it was already done."""
-    case_id = case_id_for(source, root)
+    case_id, shown, name = case_names(source, root, cfg, key)
     case_dir = cache / "cases" / case_id
     checksum = source_checksum(source)
     meta = read_meta(case_dir)
@@ -77,13 +88,13 @@ def prepare_case(source: Path, root: Path, cache: Path, cfg: DataConfig, fingerp
             thick = simulate_thick(thin, cfg.thick.slab_thickness_mm, cfg.thick.slab_spacing_mm)
             thick_kind = "simulated"
         named = pair.thin if pair.thin is not None else pair.thick
-        raw_patient = patient_raw_id(case_id, named.patient_id, cfg.patient_regex)
+        raw_patient = patient_raw_id(name, named.patient_id, cfg.patient_regex)
     meta = {
         "case_id": case_id,
         "patient": patient_key(raw_patient, key),
         # a label taken from the file name is not identifying; a DICOM PatientID never leaves here
-        "patient_label": None if named.patient_id.strip() else raw_patient,
-        "source": str(source.relative_to(root)) if source != root else source.name,
+        "patient_label": None if named.patient_id.strip() or cfg.case_names == "pseudonym" else raw_patient,
+        "source": shown,
         "source_sha256": checksum,
         "prep_fingerprint": fingerprint,
         "thin_series": pair.thin.name if pair.thin is not None else None,
@@ -119,11 +130,11 @@ def main(argv=None) -> int:
     sources = discover_sources(root)
     fingerprint = prep_fingerprint(cfg)
     key = dataset_key(cache)
-    done, failures, reused = [], [], 0
+    done, failures, reused, table = [], [], 0, []
     bar = tqdm(sources, unit="case", desc="prepare", dynamic_ncols=True)
     for source in bar:
-        case_id = case_id_for(source, root)
-        rel = str(source.relative_to(root)) if source != root else source.name
+        case_id, rel, _ = case_names(source, root, cfg, key)
+        table.append((case_id, str(source.relative_to(root)) if source != root else source.name))
         bar.set_postfix_str(case_id if len(case_id) <= 40 else "…" + case_id[-39:])
         try:
             meta, was_done = prepare_case(source, root, cache, cfg, fingerprint, key)
@@ -140,6 +151,8 @@ def main(argv=None) -> int:
                      "source": meta["source"], "thick_kind": meta["thick_kind"],
                      "thin_shape": (meta["thin"] or {}).get("shape"), "thin_spacing": (meta["thin"] or {}).get("spacing"),
                      "thick_spacing": meta["thick"]["spacing"]})
+    if cfg.case_names == "pseudonym":  # the only place that links a pseudonym to its source: local, owner-only
+        write_case_names(cache, table)
     write_manifest(cache, done, cfg.model_dump(mode="json"))
     write_failures(cache, failures)
     counts = {s: sum(c["split"] == s for c in done) for s in ("train", "val", "test")}

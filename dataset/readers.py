@@ -24,6 +24,15 @@ from dataset.errors import CaseError
 from dataset.volume import CTVolume, compact_hu, plane_of
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SOURCE_SUFFIXES = VOLUME_SUFFIXES + (".zip",)  # what a case or an input file may end with
+
+
+def strip_source_suffix(name: str) -> str:
+    """`case.nii.gz` -> `case`: the name a case or an output is known by."""
+    for suffix in SOURCE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def volume_suffix(path: Path) -> str | None:

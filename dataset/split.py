@@ -36,6 +36,11 @@ def patient_key(raw_id: str, key: bytes) -> str:
     return "pt-" + hmac.new(key, raw_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
+def case_pseudonym(name: str, key: bytes) -> str:
+    """A case id that does not repeat its folder or file name (keyed like patient pseudonyms)."""
+    return "case-" + hmac.new(key, b"case:" + name.encode(), hashlib.sha256).hexdigest()[:12]
+
+
 def patient_raw_id(case_id: str, dicom_patient_id: str, regex: str | None) -> str:
     if dicom_patient_id.strip():
         return dicom_patient_id.strip()

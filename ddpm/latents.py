@@ -25,23 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from AutoEncoder.evaluate import load_autoencoder
+from AutoEncoder.codec import Codec
 from dataset.cache import has_thin, load_case, read_manifest
-from dataset.intensity import hu_to_unit
 from dataset.volume import CTVolume
 from ddpm.pair_crops import pair_crops
-from thinslice import precision
 from thinslice.atomic import atomic_path, write_json
+from thinslice.checkpoint import file_fingerprint
 from thinslice.config import ConfigError, LatentsConfig, load_config
 from thinslice.distributed import cleanup, init_distributed
-
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
@@ -49,29 +40,26 @@ def thick_on_thin_grid(thick: CTVolume, thin: CTVolume) -> np.ndarray:
     return thick.sample_at(thin.affine, thin.shape, order=3)
 
 
-@torch.no_grad()
-def encode_hu(model, hu: np.ndarray, window, device) -> torch.Tensor:
-    """One volume's latent, encoded under the same precision policy as interpolation encodes."""
-    x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), window)[None, None].to(device)
-    with precision.choose(device).autocast(device):
-        return model.encode_volume(x)[0].float().to(torch.float16).cpu().contiguous()
+def encode_hu(codec: Codec, hu: np.ndarray) -> torch.Tensor:
+    """One volume's latent as stored: float16 on the CPU, encoded exactly as interpolation encodes."""
+    return codec.encode(hu)[0].to(torch.float16).cpu().contiguous()
 
 
-def encode_case(model, case_dir: Path, window, device, pairs: LatentsConfig | None = None,
+def encode_case(codec: Codec, case_dir: Path, pairs: LatentsConfig | None = None,
                 progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops."""
     case = load_case(case_dir)
     out, described = {}, []
     if case.thin is not None and (pairs is None or pairs.whole_train_cases):
-        out["thin"] = encode_hu(model, case.thin.array, window, device)
-        out["cond"] = encode_hu(model, thick_on_thin_grid(case.thick, case.thin), window, device)
+        out["thin"] = encode_hu(codec, case.thin.array)
+        out["cond"] = encode_hu(codec, thick_on_thin_grid(case.thick, case.thin))
     if pairs is not None and pairs.crops_per_pair > 0:
-        crops = pair_crops(case, pairs, model.compression)
+        crops = pair_crops(case, pairs, codec.compression)
         for k, crop in enumerate(tqdm(crops, desc=f"pairs {case.case_id}", unit="crop", leave=False, disable=not progress)):
-            out[f"pair{k}.thin"] = encode_hu(model, crop.thin_hu, window, device)
-            out[f"pair{k}.cond"] = encode_hu(model, crop.cond_hu, window, device)
-            out[f"pair{k}.cond_image"] = hu_to_unit(torch.from_numpy(crop.cond_hu), window)[None].to(torch.float16).contiguous()
-            out[f"pair{k}.thin_image"] = hu_to_unit(torch.from_numpy(crop.thin_hu), window)[None].to(torch.float16).contiguous()
+            out[f"pair{k}.thin"] = encode_hu(codec, crop.thin_hu)
+            out[f"pair{k}.cond"] = encode_hu(codec, crop.cond_hu)
+            out[f"pair{k}.cond_image"] = codec.to_unit(crop.cond_hu)[None].to(torch.float16).contiguous()
+            out[f"pair{k}.thin_image"] = codec.to_unit(crop.thin_hu)[None].to(torch.float16).contiguous()
             described.append(crop.describe)
     return out, described
 
@@ -94,9 +82,8 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
     """`pairs`: extra training pairs per training case (ddpm/pair_crops.py); None: each case's own pair only."""
     ctx = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
-    model, state = load_autoencoder(checkpoint, ctx.device)
+    codec, _ = Codec.load(checkpoint, ctx.device)
     fingerprint = file_fingerprint(checkpoint)
-    window = tuple(state["config"]["data"]["hu_window"])
     manifest = [c for c in read_manifest(cache)["cases"] if c["split"] in splits]
     # a thick-only case only trains (in-plane pairs): in val or test it has nothing to score against
     manifest = [c for c in manifest if has_thin(c) or (c["split"] == "train" and pairs is not None)]
@@ -110,8 +97,8 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
         if meta and meta.get("ae_fingerprint") == fingerprint and meta.get("pairs_fingerprint") == want:
             continue
         try:
-            tensors, described = encode_case(model, Path(cache) / "cases" / c["case_id"], window, ctx.device,
-                                             case_pairs, progress=ctx.is_main)
+            tensors, described = encode_case(codec, Path(cache) / "cases" / c["case_id"], case_pairs,
+                                             progress=ctx.is_main)
             if not tensors:
                 raise ValueError("no pair fits the crop (volume too small)")
         except Exception as e:  # one bad case never stops the run
@@ -130,7 +117,7 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
         failures = {k: v for part in gathered for k, v in part.items()}
     index = {}
     if ctx.is_main:
-        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, model.compression)
+        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, codec.compression)
     ctx.barrier()
     cleanup()
     return index

@@ -80,6 +80,12 @@ class DDPMSampler(Sampler):
         return mean + var**0.5 * torch.randn(x.shape, generator=generator, device=x.device)
 
 
+SAMPLERS = {"ddim": lambda diffusion, eta, **kw: DDIMSampler(diffusion, eta, **kw),
+            "ddpm": lambda diffusion, eta, **kw: DDPMSampler(diffusion, **kw)}  # DDPM is always fully stochastic
+
+
 def make_sampler(name: str, diffusion: GaussianDiffusion, eta: float = 0.0, **kw) -> Sampler:
-    """By name; `eta` is DDIM's (DDPM is always fully stochastic)."""
-    return DDIMSampler(diffusion, eta, **kw) if name == "ddim" else DDPMSampler(diffusion, **kw)
+    """By name (SAMPLERS); `eta` is DDIM's. An unknown name is an error, never a silent fallback."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](diffusion, eta, **kw)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from AutoEncoder.evaluate import load_autoencoder
+from AutoEncoder.codec import Codec
 from ddpm.build import build_diffusion, build_unet, condition_input
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
@@ -111,11 +111,10 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
     crops.set_epoch(epoch)
     batches = iter(loader)
 
-    ae, vcrops = None, []
-    if val_cases:
-        ae, ae_state = load_autoencoder(autoencoder or index["ae_checkpoint"], ctx.device)
-        ae_window = tuple(ae_state["config"]["data"]["hu_window"])
-        vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, ae.compression, ae_window)
+    codec, vcrops = None, []
+    if val_cases:  # decoded exactly as latents were encoded: the autoencoder's window, the same precision policy
+        codec, _ = Codec.load(autoencoder or index["ae_checkpoint"], ctx.device)
+        vcrops = val_crops(val_cases, cache or index["cache"], tc.val_crop, codec.compression, codec.window)
     val_sampler = make_sampler(cfg.diffusion.sampler, diffusion, eta=cfg.diffusion.eta)
 
     writer = SummaryWriter(out_dir / "tensorboard") if ctx.is_main else None
@@ -206,8 +205,8 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                 bar.set_postfix(loss=f"{loss_sum:.4f}", it_s=f"{rate:.2f}")
         if vcrops and (step % tc.val_every == 0 or step == tc.max_steps):
             ema.module.eval()
-            metrics, panel = validate(ema.module, ae, space, val_sampler, vcrops, tc.val_sample_steps,
-                                      ae_window, ctx, bf16, compression if cfg.unet.cond_image else None)
+            metrics, panel = validate(ema.module, codec, space, val_sampler, vcrops, tc.val_sample_steps,
+                                      ctx, bf16, compression if cfg.unet.cond_image else None)
             if ctx.is_main:
                 for k, v in metrics.items():
                     writer.add_scalar(f"val/{k}", v, step)

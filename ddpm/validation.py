@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dataset.cache import load_case
-from dataset.intensity import hu_to_unit, unit_to_hu
+from dataset.intensity import unit_to_hu
 from ddpm.generate import sample_thin_latent
 from ddpm.latent_data import LatentCase, LatentSpace, space_to_depth
 from thinslice.images import midplane_panel
@@ -61,7 +61,7 @@ def val_crops(cases: list[LatentCase], cache: Path, size, compression, window=(-
 
 
 @torch.no_grad()
-def validate(net, ae, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, window, ctx, bf16: bool,
+def validate(net, codec, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, ctx, bf16: bool,
              cond_image_factor=None):
     """Crops sharded over ranks, sums all-reduced: every rank returns the same figures.
     `cond_image_factor`: the compression, when the network also reads the cubic crop (unet.cond_image)."""
@@ -73,23 +73,18 @@ def validate(net, ae, space: LatentSpace, sampler, crops: list[ValCrop], steps: 
         gen = torch.Generator().manual_seed(1234 + k)
         extra = None
         if cond_image_factor is not None:
-            extra = space_to_depth(hu_to_unit(vc.cubic_hu, window), cond_image_factor)[..., :vc.cond.shape[2], :vc.cond.shape[3], :vc.cond.shape[4]]
+            extra = space_to_depth(codec.to_unit(vc.cubic_hu), cond_image_factor)[..., :vc.cond.shape[2], :vc.cond.shape[3], :vc.cond.shape[4]]
         z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16,
                                extra=None if extra is None else extra.to(ctx.device))
         shape = vc.truth_hu.shape[2:]
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-            ours = ae.decode_volume(z, shape=shape).float().cpu()
-            recon = ae.decode_volume(vc.thin.to(ctx.device), shape=shape).float().cpu()
-            cond = ae.decode_volume(vc.cond.to(ctx.device), shape=shape).float().cpu()
-        direct_hu, recon_hu = unit_to_hu(ours, window), unit_to_hu(recon, window)
-        cond_hu = unit_to_hu(cond, window)
+        direct_hu, recon_hu, cond_hu = (codec.decode(v, shape) for v in (z, vc.thin, vc.cond))
         ours_hu = vc.cubic_hu + direct_hu - cond_hu
         ceiling_hu = vc.cubic_hu + recon_hu - cond_hu  # a perfect U-Net, decoded the same way
         sums += torch.tensor([psnr(ours_hu, vc.truth_hu), psnr(vc.cubic_hu, vc.truth_hu),
                               psnr(recon_hu, vc.truth_hu), psnr(direct_hu, vc.truth_hu), 1.0,
                               psnr(ceiling_hu, vc.truth_hu)], dtype=torch.float64)
         if panel is None:
-            panel = midplane_panel(hu_to_unit(vc.truth_hu[0, 0], window), hu_to_unit(ours_hu[0, 0], window))
+            panel = midplane_panel(codec.to_unit(vc.truth_hu[0, 0]), codec.to_unit(ours_hu[0, 0]))
     sums = ctx.all_reduce_sum(sums).cpu()
     n = max(1.0, float(sums[4]))
     return {"psnr": float(sums[0]) / n, "psnr_cubic": float(sums[1]) / n, "psnr_ae_ceiling": float(sums[2]) / n,

@@ -68,7 +68,7 @@ def weights(tiny_ae_checkpoint, tmp_path_factory):
     import torch
 
     from ddpm.latent_data import LatentSpace
-    from ddpm.latents import file_fingerprint
+    from thinslice.checkpoint import file_fingerprint
     from ddpm.build import build_unet
     from thinslice.config import Config
 

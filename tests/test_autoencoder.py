@@ -190,7 +190,7 @@ def test_two_process_torchrun_keeps_ranks_identical(bundled_cache, tmp_path):
 
 
 def test_validation_and_evaluation_score_whole_held_out_volumes(stage1_run, bundled_cache, tmp_path):
-    from AutoEncoder.evaluate import load_autoencoder
+    from AutoEncoder.codec import load_autoencoder
     from AutoEncoder.evaluate import main as eval_main
     from AutoEncoder.trainer import validate
     from thinslice.distributed import DistContext
@@ -208,3 +208,20 @@ def test_validation_and_evaluation_score_whole_held_out_volumes(stage1_run, bund
     assert eval_main(["--checkpoint", str(ckpt), "--cache", str(bundled_cache), "--output", str(tmp_path / "m.json")]) == 0
     scored = json.loads((tmp_path / "m.json").read_text())["cases"][test_case.name]
     assert scored["psnr"] == pytest.approx(metrics["psnr"], abs=1e-4)
+
+
+def test_kl_resume_draws_what_the_uninterrupted_run_draws(bundled_cache, tmp_path):
+    """The KL bottleneck samples z with the global RNG: a resumed run must restore it after building its loader."""
+    cfg = write_config(tmp_path / "kl.yaml")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["autoencoder"] = {**raw["autoencoder"], "regularizer": "kl", "kl_weight": 1e-3}
+    raw["loss"]["adv_start_step"] = 100
+    cfg.write_text(yaml.safe_dump(raw))
+    args = ["--config", str(cfg), "--cache", str(bundled_cache)]
+    assert train_main(args + ["--output", str(tmp_path / "straight")]) == 0
+    assert train_main(args + ["--output", str(tmp_path / "resumed"), "--stop-after", "3"]) == 0
+    assert train_main(args + ["--output", str(tmp_path / "resumed")]) == 0
+    straight, resumed = history(tmp_path / "straight"), history(tmp_path / "resumed")
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5, abs=1e-7)

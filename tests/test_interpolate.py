@@ -12,7 +12,7 @@ from dataset.thick import enforce_slab_consistency, simulate_thick
 from dataset.volume import CTVolume
 from ddpm.generate import sample_thin_latent, sliding_window_denoiser, whole_volume_denoiser
 from ddpm.latent_data import LatentSpace
-from ddpm.latents import file_fingerprint
+from thinslice.checkpoint import file_fingerprint
 from ddpm.samplers import DDIMSampler
 from ddpm.build import build_diffusion, build_unet
 from thinslice.config import Config

@@ -186,3 +186,29 @@ def test_bad_config_and_missing_input_exit_with_a_message(tmp_path, capsys):
     assert main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "data.thik: unknown key (did you mean 'thick'?)" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_pseudonymous_case_names_never_repeat_the_folder_name(tmp_path):
+    import os
+    import yaml
+
+    raw = tmp_path / "raw"
+    (raw / "DOE_JOHN_1961").mkdir(parents=True)
+    shutil.copy(CHEST, raw / "DOE_JOHN_1961" / "chest.nii.gz")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"case_names": "pseudonym"}}))
+    cache = tmp_path / "cache"
+    assert main(["--input", str(raw), "--output", str(cache), "--config", str(cfg)]) == 0
+    (entry,) = read_manifest(cache)["cases"]
+    assert entry["case_id"].startswith("case-") and "DOE" not in json.dumps(entry)
+    leaks = [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".json", ".csv") and p.name != "case_names.csv"
+             and "DOE" in p.read_text()]
+    assert leaks == [] and not any("DOE" in str(p) for p in cache.rglob("*"))
+    table = (cache / "case_names.csv").read_text()
+    assert entry["case_id"] in table and "DOE_JOHN_1961" in table
+    assert os.stat(cache / "case_names.csv").st_mode & 0o077 == 0  # the owner only
+    again = tmp_path / "again"  # same key, same name: the same pseudonym; another cache: another one
+    assert main(["--input", str(raw), "--output", str(cache), "--config", str(cfg)]) == 0
+    assert read_manifest(cache)["cases"][0]["case_id"] == entry["case_id"]
+    assert main(["--input", str(raw), "--output", str(again), "--config", str(cfg)]) == 0
+    assert read_manifest(again)["cases"][0]["case_id"] != entry["case_id"]

@@ -1,6 +1,8 @@
 """Step-numbered checkpoints: atomic writes, the last K kept, a `latest` pointer, safe loading."""
 from __future__ import annotations
 
+import hashlib
+
 import math
 import re
 from pathlib import Path
@@ -81,3 +83,11 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
+
+
+def file_fingerprint(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

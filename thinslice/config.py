@@ -78,6 +78,9 @@ class DataConfig(_Strict):
     split: SplitConfig = SplitConfig()
     # Regex with one group applied to the case id to find the patient when DICOM has no PatientID.
     patient_regex: str | None = None
+    # source: cases are named after their file or folder; pseudonym: "case-" + a keyed hash of that name, for
+    # exports whose folder names carry patient names (the name -> pseudonym table stays in CACHE/case_names.csv)
+    case_names: Literal["source", "pseudonym"] = "source"
     patches: PatchConfig = PatchConfig()
 
     @model_validator(mode="after")

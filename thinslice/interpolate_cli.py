@@ -16,7 +16,7 @@ from dataset.checks import check_ct
 from dataset.cache import cases_in_split, load_case
 from dataset.errors import CaseError
 from dataset.intensity import to_int16_hu
-from dataset.readers import case_series
+from dataset.readers import case_series, strip_source_suffix
 from dataset.volume import CTVolume
 from thinslice.atomic import atomic_path, remove_partials, write_json
 from thinslice.config import ConfigError, load_config
@@ -39,11 +39,7 @@ def read_thick(source: Path) -> CTVolume:
 
 
 def output_name(source: Path) -> str:
-    name = source.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return strip_source_suffix(source.name)
 
 
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:

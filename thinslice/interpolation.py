@@ -21,17 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from AutoEncoder.evaluate import load_autoencoder
+from AutoEncoder.codec import Codec, load_autoencoder
 from AutoEncoder.model import PatchVolumeAutoencoder
-from dataset.intensity import hu_to_unit, unit_to_hu
 from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
 from dataset.volume import CTVolume
 from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
 from ddpm.latent_data import space_to_depth
-from ddpm.latents import file_fingerprint
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
 from thinslice.adapt import AdaptSettings, check_adaptable, refine, train_adapter
+from thinslice.checkpoint import file_fingerprint
 from thinslice.config import InterpolateConfig
 from thinslice.precision import Precision, choose
 
@@ -66,6 +65,10 @@ class Models:
         if self.precision is None:
             self.precision = choose(self.device)
 
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.autoencoder, self.window, self.device, self.precision)
+
     @classmethod
     def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None) -> "Models":
         for what, path in (("autoencoder", autoencoder), ("U-Net", unet)):
@@ -95,11 +98,8 @@ class Interpolation:
     adapt_info: dict | None = None
 
 
-@torch.no_grad()
 def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch.Tensor:
-    x = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), models.window)[None, None].to(models.device)
-    with models.precision.autocast(models.device):
-        return models.autoencoder.encode_volume(x, progress=progress).float()
+    return models.codec.encode(hu, progress)
 
 
 # Measured peak of the decoder per output voxel of a chunk (halo included): about 185 bytes in bf16 (8 GB for
@@ -126,11 +126,8 @@ def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int
     return (edge, edge, edge)
 
 
-@torch.no_grad()
 def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None) -> np.ndarray:
-    with models.precision.autocast(models.device):
-        unit = models.autoencoder.decode_volume(z, shape=shape, progress=progress, chunk=chunk).float()
-    return unit_to_hu(unit[0, 0].cpu().numpy(), models.window)
+    return models.codec.decode(z, shape, progress, chunk)[0, 0].numpy()
 
 
 class Stages:
@@ -171,7 +168,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
     extra = None
     if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
-        unit = hu_to_unit(torch.from_numpy(cubic), models.window)[None, None]
+        unit = models.codec.to_unit(cubic)[None, None]
         extra = space_to_depth(unit, models.autoencoder.compression)[..., :cond.shape[2], :cond.shape[3], :cond.shape[4]]
         del unit
 
