@@ -274,6 +274,9 @@ class InterpolateConfig(_Strict):
     # peak memory (GiB) the interpolation plans for: the decoder's chunk shrinks to fit it (the decoder at full
     # resolution is what grows with a chunk; the latent and a few output-sized arrays are what grows with a scan)
     max_memory_gb: float = Field(8.0, gt=1)
+    # thick slices per tile for scans without truth (each computed with a halo as deep as the decoder sees);
+    # None: whole scans that fit half of max_memory_gb, tiles sized from it otherwise
+    tile_slices: int | None = Field(None, gt=0)
     # > 0: fit a small 2D CNN for this many steps on the input scan's own in-plane pairs and refine the
     # cubic volume with it before the U-Net's change is added (thinslice/adapt.py); needs decode: residual.
     # 600: about 1 min on a 2-core CPU, +1.3..+1.5 dB over cubic + consistency on three held-out chest crops

@@ -22,7 +22,8 @@ from thinslice.atomic import atomic_path, remove_partials, write_json
 from thinslice.config import ConfigError, load_config
 from dataset.thick import enforce_slab_consistency
 from thinslice.precision import choose
-from thinslice.interpolation import Models, Stages, consistency_residual, interpolate, latent_ceiling
+from thinslice.interpolation import (Models, Stages, consistency_residual, interpolate, interpolate_tiled,
+                                     latent_ceiling, plan_tiles)
 from thinslice.report import lung_mask, score, scored_slices, write_metrics, write_panel
 
 
@@ -70,6 +71,9 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     stage = stage or Stages(progress)
+    tiles = plan_tiles(thick, models, cfg) if truth is None and cfg.samples == 1 else None
+    if tiles:
+        return run_tiled(name, thick, models, cfg, out, tiles, stage, t0, progress)
     res = interpolate(thick, models, cfg, progress, stage)
     lo, hi = hu_limits(thick)
     clipped = int(np.count_nonzero((res.output < lo) | (res.output > hi)))
@@ -123,6 +127,28 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
         if res.std is not None:
             panel["uncertainty (std)"] = res.std
         write_panel(out / f"{name}.png", panel, [float(s) for s in thick.spacing[:2]] + [cfg.spacing_mm])
+    info["seconds"]["case"] = round(time.perf_counter() - t0, 2)
+    return info
+
+
+def run_tiled(name: str, thick: CTVolume, models: Models, cfg, out: Path, tiles, stage: Stages, t0: float,
+              progress: bool) -> dict:
+    """A scan larger than the memory plan, without truth: interpolated tile by tile (thinslice.interpolation)."""
+    lo, hi = hu_limits(thick)
+    stage(f"{thick.shape[0]}x{thick.shape[1]}x{thick.shape[2]} is larger than --max-memory-gb {cfg.max_memory_gb:g} "
+          f"allows at once: {len(tiles)} tiles of thick slices")
+    res = interpolate_tiled(thick, models, cfg, tiles, (lo, hi), progress, stage)
+    stage(f"write {out / (name + '.nii.gz')}")
+    save_nifti(out / f"{name}.nii.gz", res.output, res.grid.affine)
+    info = {"case": name, "input_shape": list(thick.shape), "input_spacing_mm": [round(float(s), 4) for s in thick.spacing],
+            "slab_thickness_mm": thick.thickness, "output_shape": list(res.grid.shape),
+            "output_spacing_mm": cfg.spacing_mm, "tiles": res.tiles,
+            "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+            "consistency_residual": res.consistency,
+            "clipped_voxels": {"count": res.clipped, "range_hu": [lo, hi]},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if res.adapt_info:
+        info["adaptation"] = res.adapt_info
     info["seconds"]["case"] = round(time.perf_counter() - t0, 2)
     return info
 

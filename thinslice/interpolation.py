@@ -143,7 +143,8 @@ class Stages:
 
 
 def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True,
-                stage: Stages | None = None) -> Interpolation:
+                stage: Stages | None = None, adapter: tuple | None = None) -> Interpolation:
+    """`adapter`: (network, info) of an adaptation already fitted to the whole scan (tiled runs fit it once)."""
     bf16 = models.precision.bf16
     stage = stage or Stages(progress)
     t0 = time.perf_counter()
@@ -173,10 +174,16 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         del unit
 
     adaptation, adapt_info = None, None
+    fitted_here = adapter is None
+    if not fitted_here:
+        adapt = cfg.adapt_steps > 0
     if adapt:
-        stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs)")
-        settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
-        net, adapt_info = train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
+        if fitted_here:
+            stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs)")
+            adapter = fit_adapter(thick, models, cfg, progress)
+        net, adapt_info = adapter[0], dict(adapter[1])
+        if not fitted_here:  # its fitting time is counted once, by whoever fitted it
+            adapt_info["seconds"] = 0.0
         t_ref = time.perf_counter()
         if adapt_info["use"]:
             stage("refine coronal and sagittal planes with the adapted network")
@@ -220,6 +227,109 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
         seconds["sample_decode"] -= seconds["adapt"]
     return Interpolation(grid, cubic, mean, std, output, offset, seconds, adaptation, adapt_info)
+
+
+def fit_adapter(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> tuple:
+    settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
+    return train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
+
+
+# bytes per output voxel of one tile: the output-sized float32 arrays alive at the peak (OUTPUT_ARRAYS)
+TILE_BYTES_PER_VOXEL = OUTPUT_ARRAYS * 4
+
+
+@dataclass
+class Tile:
+    start: int  # thick slices computed: [start, stop)
+    stop: int
+    keep_start: int  # thick slices whose thin slices this tile writes: [keep_start, keep_stop)
+    keep_stop: int
+
+
+def plan_tiles(thick: CTVolume, models: Models, cfg: InterpolateConfig) -> list[Tile] | None:
+    """Thick-slice tiles whose output-sized arrays take at most half of the memory plan, each with a halo of
+    thick slices on both sides as deep as the decoder's receptive field; None when the whole scan fits (or when
+    the output slices do not tile the slabs exactly: then the scan is done whole)."""
+    ratio = thick.slice_spacing / cfg.spacing_mm
+    if abs(ratio - round(ratio)) > 1e-6 or abs(thick.thickness - thick.slice_spacing) > 1e-6:
+        return None
+    r = int(round(ratio))
+    per_thick_slice = thick.shape[0] * thick.shape[1] * r * TILE_BYTES_PER_VOXEL
+    budget = (cfg.max_memory_gb - RUNTIME_GB) / 2 * 2**30
+    n = thick.shape[2]
+    if cfg.tile_slices is None and n * per_thick_slice <= budget:
+        return None
+    halo_mm = models.autoencoder.cfg.decode_halo * models.autoencoder.compression[2] * cfg.spacing_mm
+    halo = int(np.ceil(halo_mm / thick.slice_spacing)) + 1
+    keep = cfg.tile_slices or int(budget // per_thick_slice) - 2 * halo
+    if keep >= n:
+        return None
+    if keep < 1:
+        raise ValueError(f"--max-memory-gb {cfg.max_memory_gb:g} is too small for one {thick.shape[0]}x{thick.shape[1]} "
+                         f"tile with its {halo}-slice halo; raise it")
+    return [Tile(max(0, a - halo), min(n, a + keep + halo), a, min(n, a + keep)) for a in range(0, n, keep)]
+
+
+def sub_volume(thick: CTVolume, start: int, stop: int) -> CTVolume:
+    shift = np.eye(4)
+    shift[2, 3] = start
+    return thick.with_array(np.asarray(thick.array[..., start:stop]), thick.affine @ shift)
+
+
+@dataclass
+class TiledInterpolation:
+    grid: ThinGrid
+    output: np.ndarray  # int16 HU, clipped to `limits`
+    clipped: int
+    seconds: dict
+    adapt_info: dict | None
+    tiles: int
+    consistency: dict  # as consistency_residual, of the int16 output, gathered tile by tile
+
+
+def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, tiles: list[Tile], limits,
+                      progress: bool = True, stage: Stages | None = None) -> TiledInterpolation:
+    """The scan in thick-slice tiles: peak memory grows with the tile, not the scan. The adaptation is fitted
+    once on the whole scan; each tile is interpolated with its halo and only its own slabs are kept (the
+    consistency step is per slab, so it is exact per tile). The output is int16 HU (2 bytes a voxel)."""
+    from dataset.intensity import to_int16_hu
+
+    stage = stage or Stages(progress)
+    t0 = time.perf_counter()
+    grid = output_grid(thick, cfg.spacing_mm)
+    r = int(round(thick.slice_spacing / cfg.spacing_mm))
+    out = np.empty(grid.shape, np.int16)
+    adapter, clipped, seconds = None, 0, {}
+    abs_sum, abs_max, count = 0.0, 0.0, 0
+    if cfg.adapt_steps > 0:
+        try:
+            check_adaptable(thick, cfg.spacing_mm, cfg.adapt_crop)
+            stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs, once for all tiles)")
+            adapter = fit_adapter(thick, models, cfg, progress)
+        except ValueError as e:
+            print(f"{e}: adaptation skipped", flush=True)
+    cfg_tile = cfg if adapter is not None else cfg.model_copy(update={"adapt_steps": 0})
+    for k, tile in enumerate(tiles):
+        stage(f"tile {k + 1}/{len(tiles)}: thick slices {tile.keep_start}-{tile.keep_stop - 1} "
+              f"(computed {tile.start}-{tile.stop - 1})")
+        res = interpolate(sub_volume(thick, tile.start, tile.stop), models, cfg_tile, progress, stage, adapter)
+        a, n = (tile.keep_start - tile.start) * r, (tile.keep_stop - tile.keep_start) * r
+        part = res.output[..., a:a + n]
+        clipped += int(np.count_nonzero((part < limits[0]) | (part > limits[1])))
+        written = to_int16_hu(np.clip(part, *limits))
+        out[..., tile.keep_start * r:tile.keep_start * r + n] = written
+        slab_means = written.reshape(written.shape[:2] + (-1, r)).astype(np.float32).mean(-1)
+        gap = np.abs(np.asarray(thick.array[..., tile.keep_start:tile.keep_stop], dtype=np.float32) - slab_means)
+        abs_sum, abs_max, count = abs_sum + float(gap.sum(dtype=np.float64)), max(abs_max, float(gap.max())), count + gap.size
+        for key, v in res.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + v
+        del res, part
+    seconds["total"] = time.perf_counter() - t0
+    info = dict(adapter[1]) if adapter is not None else None
+    if info:
+        seconds["adapt"] = seconds.get("adapt", 0.0) + info["seconds"]
+    return TiledInterpolation(grid, out, clipped, seconds, info, len(tiles),
+                              {"mean_abs_hu": abs_sum / max(count, 1), "max_abs_hu": abs_max})
 
 
 def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -> dict:
