@@ -16,11 +16,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # the whole pipeline on the bundled CT: prepare, autoencoder stage 1 + 2, latents, U-Net, interpolate, report
 demo: setup
-	$(BIN)/python -m thinslice.demo --output $(DEMO)
+	$(BIN)/python -m evaluation.demo --output $(DEMO)
 
 # the same without training: interpolate the held-out chest with the shipped weights in pretrained/
 demo-pretrained: setup
-	$(BIN)/python -m thinslice.demo --output $(DEMO)-pretrained --pretrained
+	$(BIN)/python -m evaluation.demo --output $(DEMO)-pretrained --pretrained
 
 benchmark: setup
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json

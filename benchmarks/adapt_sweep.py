@@ -16,9 +16,9 @@ import numpy as np
 from dataset.readers import read_volume
 from dataset.thick import enforce_slab_consistency, simulate_thick
 from thinslice import precision
-from thinslice.adapt import AdaptSettings, refine, train_adapter
-from thinslice.interpolation import output_grid
-from thinslice.report import lung_mask, score, scored_slices
+from evaluation.adapt import AdaptSettings, refine, train_adapter
+from evaluation.interpolation import output_grid
+from evaluation.report import lung_mask, score, scored_slices
 
 
 def main(argv=None) -> int:

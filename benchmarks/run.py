@@ -159,7 +159,7 @@ def models_for_benchmark(a):
     from AutoEncoder.model import PatchVolumeAutoencoder
     from ddpm.latent_data import LatentSpace
     from ddpm.build import build_diffusion, build_unet
-    from thinslice.interpolation import Models
+    from evaluation.interpolation import Models
 
     dev = torch.device(a.device)
     ae_w, unet_w = ROOT / "pretrained" / "autoencoder.pt", ROOT / "pretrained" / "unet.pt"
@@ -189,7 +189,7 @@ def bench_interpolate(a) -> dict:
     """What evaluation/interpolate.py does to one scan with its defaults (adaptation, 1 DDIM step, memory
     limit), with the time of each stage (the profile) and the ratio to plain cubic resampling."""
     from thinslice.config import InterpolateConfig
-    from thinslice.interpolation import interpolate, output_grid
+    from evaluation.interpolation import interpolate, output_grid
 
     models, weights = models_for_benchmark(a)
     thick = synthetic_thick(a.shape)

@@ -7,7 +7,7 @@ With no weights named (flags or the config's `interpolate` section) the ones in 
 """
 import sys
 
-from thinslice.interpolate_cli import main
+from evaluation.interpolate_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dataset.thick import simulate_thick
-from thinslice.adapt import AdaptSettings, check_adaptable, refine, slab_phase, train_adapter
-from thinslice.interpolate_cli import main
+from evaluation.adapt import AdaptSettings, check_adaptable, refine, slab_phase, train_adapter
+from evaluation.interpolate_cli import main
 from thinslice.precision import Precision
 
 FP32 = Precision(False, "test")

@@ -14,7 +14,7 @@ from dataset.checks import check_ct
 from dataset.errors import CaseError
 from dataset.volume import CTVolume
 from thinslice.atomic import PARTIAL, remove_partials
-from thinslice.interpolate_cli import main
+from evaluation.interpolate_cli import main
 
 from conftest import THICK
 
@@ -84,7 +84,7 @@ def test_output_stays_within_the_hu_range_of_valid_ct(weights, thick_img, tmp_pa
 
 WRITER = """
 import sys, numpy as np
-from thinslice.interpolate_cli import save_nifti
+from evaluation.interpolate_cli import save_nifti
 out = sys.argv[1]
 a = np.random.default_rng(0).integers(-1024, 2000, (256, 256, 64)).astype(np.int16)
 print("ready", flush=True)

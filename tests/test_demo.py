@@ -12,7 +12,7 @@ CASE = "thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"
 
 
 def demo(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thinslice.demo", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "evaluation.demo", *map(str, args)], capture_output=True, text=True,
                           cwd="/")  # from any folder
 
 

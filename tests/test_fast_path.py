@@ -9,8 +9,8 @@ import torch
 
 from dataset.thick import enforce_slab_consistency, simulate_thick
 from thinslice.config import InterpolateConfig
-from thinslice.interpolation import Models, interpolate
-from thinslice.report import lung_mask, score, scored_slices
+from evaluation.interpolation import Models, interpolate
+from evaluation.report import lung_mask, score, scored_slices
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
 
@@ -21,7 +21,7 @@ def test_fast_path_scores_within_0_05_db_of_the_reference_path(chest, monkeypatc
     thick = simulate_thick(block, 5.0, 5.0)
     models = Models.load(PRETRAINED / "autoencoder.pt", PRETRAINED / "unet.pt", torch.device("cpu"))
     # a whole scan decodes in memory-planned chunks with a halo; force that here on a small block
-    monkeypatch.setattr("thinslice.interpolation.decode_chunk_for", lambda *a: (16, 16, 8))
+    monkeypatch.setattr("evaluation.interpolation.decode_chunk_for", lambda *a: (16, 16, 8))
     fast = interpolate(thick, models, InterpolateConfig(adapt_steps=0), progress=False)
     monkeypatch.undo()
 

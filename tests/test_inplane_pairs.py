@@ -5,7 +5,7 @@ import pytest
 from dataset.inplane_pairs import PairGeometry, inplane_pair, rethicken
 from dataset.thick import simulate_thick, slab_residual
 from dataset.volume import CTVolume
-from thinslice.interpolation import output_grid
+from evaluation.interpolation import output_grid
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -16,9 +16,9 @@ from thinslice.checkpoint import file_fingerprint
 from ddpm.samplers import DDIMSampler
 from ddpm.build import build_diffusion, build_unet
 from thinslice.config import Config
-from thinslice.interpolate_cli import main
-from thinslice.interpolation import Models, consistency_residual, interpolate, latent_ceiling, output_grid
-from thinslice.report import lung_mask, score
+from evaluation.interpolate_cli import main
+from evaluation.interpolation import Models, consistency_residual, interpolate, latent_ceiling, output_grid
+from evaluation.report import lung_mask, score
 
 from conftest import THICK
 
@@ -155,7 +155,7 @@ def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic
 def test_residual_decoding_passes_on_only_what_the_network_changed(weights, chest_block, monkeypatch):
     """A sampler that returns the condition unchanged must give back cubic exactly: the autoencoder's own
     reconstruction error cancels. Direct decoding of the same latent gives the (untrained) autoencoder's blur."""
-    monkeypatch.setattr("thinslice.interpolation.sample_thin_latent", lambda net, space, sampler, cond, *a, **k: cond)
+    monkeypatch.setattr("evaluation.interpolation.sample_thin_latent", lambda net, space, sampler, cond, *a, **k: cond)
     models = Models.load(*weights, torch.device("cpu"))
     thick = simulate_thick(chest_block, 5.0, 5.0)
     cfg = Config().interpolate.model_copy(update={"consistency": False, "window": (16, 16, 8), "adapt_steps": 0})
@@ -200,7 +200,7 @@ def test_slice_axis_resampling_equals_the_3d_spline_on_real_ct(chest, order):
 
 
 def test_decode_chunk_shrinks_to_fit_the_memory_limit(weights):
-    from thinslice.interpolation import DECODER_BYTES_PER_VOXEL, decode_chunk_for
+    from evaluation.interpolation import DECODER_BYTES_PER_VOXEL, decode_chunk_for
 
     models = Models.load(*weights, torch.device("cpu"))
     small = decode_chunk_for(models, (256, 256, 80), 8.0)

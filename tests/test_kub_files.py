@@ -9,7 +9,7 @@ from dataset.prepare import parse_args as prepare_args
 from ddpm.latents import parse_args as latents_args
 from ddpm.trainer import parse_args as unet_args
 from thinslice.config import load_config
-from thinslice.interpolate_cli import parse_args as interpolate_args
+from evaluation.interpolate_cli import parse_args as interpolate_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "kub_files").glob("*.yaml"))

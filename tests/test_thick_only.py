@@ -90,7 +90,7 @@ def test_interpolation_feeds_the_cubic_volume_to_a_cond_image_unet(thick_only, t
     import nibabel as nib
 
     from ddpm import generate
-    from thinslice.interpolate_cli import main as interpolate_main
+    from evaluation.interpolate_cli import main as interpolate_main
 
     cfg = json.loads(json.dumps(UNET))
     cfg["unet"]["cond_image"] = True
@@ -106,7 +106,7 @@ def test_interpolation_feeds_the_cubic_volume_to_a_cond_image_unet(thick_only, t
         seen["extra"], seen["cond"] = extra, cond
         return real(net, space, sampler, cond, spacing, steps, *args, **kwargs)
 
-    monkeypatch.setattr("thinslice.interpolation.sample_thin_latent", spy)
+    monkeypatch.setattr("evaluation.interpolation.sample_thin_latent", spy)
     out = tmp_path / "out"
     assert interpolate_main(["--input", str(THICK), "--output", str(out), "--autoencoder", str(tiny_ae_checkpoint),
                              "--unet", str(tmp_path / "run" / "checkpoints" / "step_00000001.pt"), "--adapt", "0",

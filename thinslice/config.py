@@ -278,7 +278,7 @@ class InterpolateConfig(_Strict):
     # None: whole scans that fit half of max_memory_gb, tiles sized from it otherwise
     tile_slices: int | None = Field(None, gt=0)
     # > 0: fit a small 2D CNN for this many steps on the input scan's own in-plane pairs and refine the
-    # cubic volume with it before the U-Net's change is added (thinslice/adapt.py); needs decode: residual.
+    # cubic volume with it before the U-Net's change is added (evaluation/adapt.py); needs decode: residual.
     # 600: about 1 min on a 2-core CPU, +1.3..+1.5 dB over cubic + consistency on three held-out chest crops
     adapt_steps: int = Field(600, ge=0)
     adapt_crop: int = Field(64, ge=16)

@@ -22,9 +22,9 @@ from thinslice.atomic import atomic_path, remove_partials, write_json
 from thinslice.config import ConfigError, load_config
 from dataset.thick import enforce_slab_consistency
 from thinslice.precision import choose
-from thinslice.interpolation import (Models, Stages, consistency_residual, interpolate, interpolate_tiled,
+from evaluation.interpolation import (Models, Stages, consistency_residual, interpolate, interpolate_tiled,
                                      latent_ceiling, plan_tiles)
-from thinslice.report import lung_mask, score, scored_slices, write_metrics, write_panel
+from evaluation.report import lung_mask, score, scored_slices, write_metrics, write_panel
 
 
 def read_thick(source: Path) -> CTVolume:
@@ -133,7 +133,7 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
 
 def run_tiled(name: str, thick: CTVolume, models: Models, cfg, out: Path, tiles, stage: Stages, t0: float,
               progress: bool) -> dict:
-    """A scan larger than the memory plan, without truth: interpolated tile by tile (thinslice.interpolation)."""
+    """A scan larger than the memory plan, without truth: interpolated tile by tile (evaluation.interpolation)."""
     lo, hi = hu_limits(thick)
     stage(f"{thick.shape[0]}x{thick.shape[1]}x{thick.shape[2]} is larger than --max-memory-gb {cfg.max_memory_gb:g} "
           f"allows at once: {len(tiles)} tiles of thick slices")
@@ -173,7 +173,7 @@ def parse_args(argv=None):
                    help="residual (default): cubic + D(z_thin) - D(z_cubic); direct: D(z_thin)")
     p.add_argument("--adapt", type=int, metavar="N",
                    help="fine-tune a per-scan refiner for N steps on the input's own in-plane pairs first "
-                        "(thinslice/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
+                        "(evaluation/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
     p.add_argument("--fill-nonfinite", type=float, metavar="HU",
                    help="replace NaN/Inf input voxels with this value (default: refuse such input)")
     p.add_argument("--not-ct-ok", action="store_true",

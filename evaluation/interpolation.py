@@ -29,7 +29,7 @@ from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
 from ddpm.latent_data import space_to_depth
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
-from thinslice.adapt import AdaptSettings, check_adaptable, refine, train_adapter
+from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import InterpolateConfig
 from thinslice.precision import Precision, choose

@@ -1,8 +1,8 @@
 """The whole pipeline on the bundled real CT (data/ct), one step after another, as a newcomer's first run.
 
-  python -m thinslice.demo                 prepare -> autoencoder stage 1 and 2 -> latents -> U-Net ->
+  python -m evaluation.demo                 prepare -> autoencoder stage 1 and 2 -> latents -> U-Net ->
                                            interpolate the held-out chest -> report (~10 min, 2-core CPU)
-  python -m thinslice.demo --pretrained    prepare -> interpolate with pretrained/ weights -> report
+  python -m evaluation.demo --pretrained    prepare -> interpolate with pretrained/ weights -> report
 
 Every step is the project's own command line, printed before it runs, so the demo doubles as a
 worked example; every step resumes, so a rerun after an interruption continues where it stopped.
