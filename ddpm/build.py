@@ -19,8 +19,8 @@ def build_unet(cfg: Config, latent_channels: int, compression=None) -> LatentUNe
         if compression is None:
             raise ValueError("unet.cond_image needs the autoencoder's compression")
         extra = int(torch.tensor(compression).prod())
-    return LatentUNet(latent_channels, u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_levels,
-                      u.window, u.dit_depth, u.heads, u.global_depth, u.grad_checkpoint, latent_channels + extra)
+    # the schema's unet fields are LatentUNet's keyword arguments: a new setting is added in those two places only
+    return LatentUNet(latent_channels, cond_channels=latent_channels + extra, **u.model_dump(exclude={"cond_image"}))
 
 
 def condition_input(space: LatentSpace, cond: torch.Tensor, cond_image: torch.Tensor | None, compression) -> torch.Tensor:
