@@ -163,7 +163,9 @@ def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, 
                 batches = iter(loader)
                 batch = next(batches)
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            t = torch.randint(0, diffusion.num_steps, (tc.batch_size,)).to(ctx.device)
+            t = torch.randint(0, diffusion.num_steps, (tc.batch_size,))
+            t[: round(tc.final_step_fraction * tc.batch_size)] = diffusion.num_steps - 1
+            t = t.to(ctx.device)
             noise = torch.randn(batch["thin"].shape).to(ctx.device)
             with no_sync(net, m < tc.grad_accum - 1):
                 per_sample = diffusion_loss(net, diffusion, space, batch, t, noise, bf16, compression)

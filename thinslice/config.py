@@ -236,6 +236,9 @@ class UNetTrainConfig(TrainingLoop):
 
     crop_size: tuple[int, int, int] = (32, 32, 16)  # latent voxels, multiples of the U-Net's size multiple
     samples_per_case: int = Field(64, gt=0)  # random crops per training case per epoch
+    # share of each batch trained at the last timestep (t = T-1): the step a 1-step sample starts from, where
+    # the network's x0 is its posterior-mean estimate given the condition; 0: uniform t only
+    final_step_fraction: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(4, gt=0)
     max_steps: int = Field(100000, gt=0)
     weight_decay: float = Field(0.0, ge=0)
