@@ -23,6 +23,17 @@ def load_autoencoder(path: str | Path, device="cpu") -> tuple[PatchVolumeAutoenc
     return model.to(device).eval(), state
 
 
+def export_autoencoder(src: str | Path, dst: str | Path) -> dict:
+    """The weights and config of an autoencoder checkpoint without optimiser, discriminator and RNG states."""
+    from thinslice.atomic import atomic_path
+
+    state = load_checkpoint(src)
+    slim = {"model": state["model"], "config": state["config"], "step": state["step"], "stage": state.get("stage")}
+    with atomic_path(Path(dst)) as tmp:
+        torch.save({k: v for k, v in slim.items() if v is not None}, tmp)
+    return slim
+
+
 @dataclass
 class Codec:
     model: PatchVolumeAutoencoder

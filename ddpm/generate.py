@@ -84,14 +84,28 @@ def load_unet(path, device="cpu"):
     return net.to(device).eval(), LatentSpace.from_state(state["latent_space"]), cfg, state
 
 
-def export_unet(src, dst) -> dict:
+def export_unet(src, dst, autoencoder=None) -> dict:
     """What inference needs from a U-Net checkpoint (EMA weights, config, latent space, the autoencoder's
-    fingerprint), without optimiser, scheduler and RNG states: pretrained/unet.pt is made with this."""
+    fingerprint), without optimiser, scheduler and RNG states: pretrained/unet.pt is made with this.
+
+    `autoencoder`: (exported, trained_with): the U-Net is bound to `exported` instead, after checking that
+    `trained_with` is the checkpoint its latents came from and that both hold the same weights."""
+    from AutoEncoder.codec import load_autoencoder
     from thinslice.atomic import atomic_path
+    from thinslice.checkpoint import file_fingerprint
 
     net, space, _, state = load_unet(src)
+    bound = state.get("ae_fingerprint")
+    if autoencoder is not None:
+        exported, trained_with = autoencoder
+        if bound != file_fingerprint(trained_with):
+            raise ValueError(f"{src} was not trained on latents of {trained_with}")
+        a, b = load_autoencoder(exported)[0].state_dict(), load_autoencoder(trained_with)[0].state_dict()
+        if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+            raise ValueError(f"{exported} does not hold the weights of {trained_with}")
+        bound = file_fingerprint(exported)
     slim = {"ema": net.state_dict(), "config": state["config"], "latent_channels": state["latent_channels"],
-            "latent_space": space.state_dict(), "ae_fingerprint": state.get("ae_fingerprint"), "step": state["step"],
+            "latent_space": space.state_dict(), "ae_fingerprint": bound, "step": state["step"],
             "compression": state.get("compression"),
             "val": state.get("val")}
     with atomic_path(Path(dst)) as tmp:
@@ -105,8 +119,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Export the EMA U-Net of a training checkpoint for inference.")
     p.add_argument("checkpoint", type=Path, help="best.pt or step_*.pt of train/train_unet_latent.py")
     p.add_argument("output", type=Path, help="e.g. pretrained/unet.pt")
+    p.add_argument("--autoencoder", nargs=2, type=Path, metavar=("EXPORTED", "TRAINED_WITH"),
+                   help="bind to an exported autoencoder holding the same weights as the one the latents came from")
     args = p.parse_args(argv)
-    slim = export_unet(args.checkpoint, args.output)
+    slim = export_unet(args.checkpoint, args.output, args.autoencoder)
     print(f"{args.output}: step {slim['step']}, {args.output.stat().st_size / 2**20:.1f} MiB")
     return 0
 

@@ -137,3 +137,22 @@ def test_learnability_view_validates_on_the_training_case_own_crops(tmp_path, ti
                        "--output", str(tmp_path / "run")]) == 0
     (val,) = [json.loads(line) for line in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
     assert val["cases"] == 2 and val["psnr_cubic"] > 20 and np.isfinite(val["psnr_ceiling"])
+
+
+def test_export_binds_the_unet_to_a_slim_autoencoder_with_the_same_weights(thick_only, tiny_ae_checkpoint, tmp_path):
+    from AutoEncoder.codec import export_autoencoder
+    from ddpm.generate import export_unet
+    from thinslice.checkpoint import file_fingerprint
+
+    cfg = json.loads(json.dumps(UNET))
+    cfg["unet_train"]["max_steps"] = 1
+    (tmp_path / "unet.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "unet.yaml"), "--latents", str(thick_only / "latents"),
+                       "--output", str(tmp_path / "run")]) == 0
+    export_autoencoder(tiny_ae_checkpoint, tmp_path / "ae.pt")
+    slim = export_unet(tmp_path / "run" / "checkpoints" / "step_00000001.pt", tmp_path / "unet.pt",
+                       (tmp_path / "ae.pt", tiny_ae_checkpoint))
+    assert slim["ae_fingerprint"] == file_fingerprint(tmp_path / "ae.pt")
+    with pytest.raises(ValueError, match="not trained on latents"):
+        export_unet(tmp_path / "run" / "checkpoints" / "step_00000001.pt", tmp_path / "u2.pt",
+                    (tmp_path / "ae.pt", tmp_path / "ae.pt"))
