@@ -166,7 +166,8 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     sampler = make_sampler(name, models.diffusion, eta=d.eta)
     steps = cfg.sample_steps or d.sample_steps
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
-    denoiser = sliding_window_denoiser(models.unet, cfg.window, cfg.overlap, cfg.sw_batch_size, bf16)
+    window = cfg.window or tuple(models.unet_config.unet_train.crop_size)
+    denoiser = sliding_window_denoiser(models.unet, window, cfg.overlap, cfg.sw_batch_size, bf16)
     extra = None
     if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
         unit = models.codec.to_unit(cubic)[None, None]

@@ -265,7 +265,9 @@ class InterpolateConfig(_Strict):
     sampler: Literal["ddim", "ddpm"] | None = None
     samples: int = Field(1, gt=0)  # > 1: mean as output, per-voxel std as an uncertainty map
     seed: int = 0
-    window: tuple[int, int, int] = (32, 32, 16)  # latent sliding window, multiples of the U-Net's 2**(levels-1)
+    # latent sliding window, multiples of the U-Net's size multiple; None: the crop the U-Net was trained on, so its
+    # global attention sees as many tokens as in training
+    window: tuple[int, int, int] | None = None
     overlap: float = Field(0.25, ge=0, lt=1)
     sw_batch_size: int = Field(4, gt=0)
     consistency: bool = True  # project the output so each slab's average equals the thick slice
