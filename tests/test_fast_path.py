@@ -1,6 +1,7 @@
-"""The fast interpolation path (1 DDIM step, memory-planned decode chunks, 1D spline along z) scores as
-the reference path (25 steps, one-shot decode, scipy's 3D spline) does, with the shipped weights on real
-held-out chest CT."""
+"""The fast interpolation path (memory-planned decode chunks, 1D spline along z) scores as the reference
+path (one-shot decode, scipy's 3D spline) does, with the shipped weights on real held-out chest CT; and
+those weights add detail over cubic + consistency there. (Steps are not compared here: the 1-step
+posterior mean scores above 25-step samples with these weights, 33.50 vs 33.18 dB on this block.)"""
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_fast_path_scores_within_0_05_db_of_the_reference_path(chest, monkeypatc
     import dataset.volume as volume
 
     monkeypatch.setattr(volume, "_slice_axis_only", lambda *a: False)  # scipy's 3D spline
-    ref = interpolate(thick, models, InterpolateConfig(adapt_steps=0, sample_steps=25, max_memory_gb=64),
+    ref = interpolate(thick, models, InterpolateConfig(adapt_steps=0, max_memory_gb=64),
                       progress=False)  # one-shot decode: the whole latent fits 64 GB
     truth = np.asarray(block.array, np.float32)[..., : fast.grid.shape[2]]
     z = scored_slices(fast.grid.shape[2], fast.grid.weights)
@@ -37,4 +38,4 @@ def test_fast_path_scores_within_0_05_db_of_the_reference_path(chest, monkeypatc
     assert abs(psnr[0] - psnr[1]) < 0.05, psnr
     np.testing.assert_allclose(fast.cubic, ref.cubic, atol=2e-3)
     cubic_c = enforce_slab_consistency(ref.cubic, thick.array, ref.grid.weights)
-    assert abs(psnr[0] - score(cubic_c[..., z], truth[..., z], lungs)["psnr"]) < 0.2  # the U-Net adds ~nothing
+    assert psnr[0] > score(cubic_c[..., z], truth[..., z], lungs)["psnr"] + 0.1  # the U-Net adds detail
