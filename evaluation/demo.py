@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                       "--init-from", final_checkpoint(runs / "ae_stage1"), *short], timings)
             ae = final_checkpoint(runs / "ae_stage2")
             run_step("latents", "train/generate_training_latent.py",
-                     ["--cache", cache, "--checkpoint", ae, "--output", latents, "--splits", "train"], timings)
+                     # one pair per case: the demo U-Net's 128x128x32 crops are larger than the extra pair crops
+                     ["--cache", cache, "--checkpoint", ae, "--output", latents, "--splits", "train", "--no-pairs"], timings)
             run_step("latent U-Net", "train/train_unet_latent.py",
                      ["--config", cfg / "demo_unet.yaml", "--latents", latents, "--output", runs / "unet", *short], timings)
             unet = final_checkpoint(runs / "unet")

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torchio as tio
 
-from dataset.cache import read_manifest
+from dataset.cache import has_thin, read_manifest
 from dataset.intensity import hu_to_unit, unit_to_hu
 from dataset.patches import PatchStream, RandomHUJitter, patch_loader
 from thinslice.config import parse_config
@@ -11,7 +11,7 @@ CFG = parse_config({}).data
 
 
 def case_dirs(cache):
-    return [cache / "cases" / c["case_id"] for c in read_manifest(cache)["cases"]]
+    return [cache / "cases" / c["case_id"] for c in read_manifest(cache)["cases"] if has_thin(c)]
 
 
 def test_bundled_cache_has_the_expected_cases(bundled_cache):
@@ -19,6 +19,8 @@ def test_bundled_cache_has_the_expected_cases(bundled_cache):
     assert splits["thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"] == "test"
     assert splits["thin__totalseg-s1_chest_1.5mm-resampled_crop-z64-144"] == "train"  # pinned by config/demo_data.yaml
     assert "dicom__totalseg-s3_abdomen_2mm" in splits
+    kinds = {c["case_id"]: c["thick_kind"] for c in read_manifest(bundled_cache)["cases"]}
+    assert kinds["thick__elastix-3dct-lung_chest_5mm-downsampled"] == "thick-only"  # trains the U-Net only
 
 
 def test_patches_come_from_the_body_and_keep_hu(bundled_cache):
