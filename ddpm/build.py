@@ -29,7 +29,7 @@ def condition_input(space: LatentSpace, cond: torch.Tensor, cond_image: torch.Te
     c = space.condition(cond)
     if cond_image is None:
         return c
-    return torch.cat([c, space_to_depth(cond_image.to(c.dtype), compression)[..., :c.shape[2], :c.shape[3], :c.shape[4]]], 1)
+    return torch.cat([c, space_to_depth(cond_image.to(c.dtype), compression, c.shape[2:])], 1)
 
 
 def build_diffusion(cfg: Config) -> GaussianDiffusion:

@@ -25,19 +25,20 @@ class LatentCase:
     cond_image: torch.Tensor | None = None  # (1, X, Y, Z) unit-scale cubic crop (extra pairs only)
     kind: str = "case"  # case: the case's own pair; z or inplane: an extra pair crop
     thin_image: torch.Tensor | None = None  # (1, X, Y, Z) unit-scale target crop (extra pairs only)
-    describe: dict | None = None  # the pair's description (kind, axis, slab_mm, thin_mm, phase, origin)
 
 
-def space_to_depth(image: torch.Tensor, factor) -> torch.Tensor:
+def space_to_depth(image: torch.Tensor, factor, shape=None) -> torch.Tensor:
     """(B, 1, X, Y, Z) -> (B, fx*fy*fz, X/fx, Y/fy, Z/fz): every image voxel of a latent voxel as a channel,
-    padded at the far end with the image's minimum (air) to a multiple of the factor, as the encoder pads."""
+    padded at the far end with the image's minimum (air) to a multiple of the factor, as the encoder pads;
+    `shape`: cut to that latent grid (the condition latent's spatial shape)."""
     fx, fy, fz = factor
     pad = [(-s) % f for s, f in zip(image.shape[2:], factor)]
     if any(pad):
         image = F.pad(image, [0, pad[2], 0, pad[1], 0, pad[0]], value=float(image.min()))
     b, c, X, Y, Z = image.shape
     t = image.reshape(b, c, X // fx, fx, Y // fy, fy, Z // fz, fz).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return t.reshape(b, c * fx * fy * fz, X // fx, Y // fy, Z // fz)
+    out = t.reshape(b, c * fx * fy * fz, X // fx, Y // fy, Z // fz)
+    return out if shape is None else out[(..., *(slice(0, s) for s in shape))]
 
 
 def read_index(latents: str | Path) -> dict:
@@ -65,7 +66,7 @@ def load_latent_cases(latents: str | Path, split: str, whole: bool = True, pairs
                                           f.get_tensor(f"pair{k}.cond").float(),
                                           torch.tensor([d["slab_mm"], d["thin_mm"]], dtype=torch.float32),
                                           f.get_tensor(f"pair{k}.cond_image"), d["kind"],
-                                          f.get_tensor(f"pair{k}.thin_image") if f"pair{k}.thin_image" in keys else None, d))
+                                          f.get_tensor(f"pair{k}.thin_image") if f"pair{k}.thin_image" in keys else None))
     return out
 
 

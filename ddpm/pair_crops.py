@@ -73,7 +73,7 @@ def _generator(seed: int, case_id: str, k: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def body_crops(cond: np.ndarray, thin: np.ndarray, size, n: int, threshold: float, rng: np.random.Generator,
+def body_crops(thin: np.ndarray, size, n: int, threshold: float, rng: np.random.Generator,
                tries: int = 50) -> list[tuple[int, ...]]:
     """Origins of `n` crops whose centre voxel is body (above `threshold` HU in the target), if found."""
     out = []
@@ -93,7 +93,7 @@ def pair_crops(case: CachedCase, cfg: LatentsConfig, compression) -> Iterator[Pa
         if size is None:
             continue
         rng = _generator(cfg.seed, case.case_id, k)
-        for start in body_crops(cond, thin, size, cfg.crops_per_pair, cfg.body_threshold_hu, rng):
+        for start in body_crops(thin, size, cfg.crops_per_pair, cfg.body_threshold_hu, rng):
             sl = tuple(slice(a, a + s) for a, s in zip(start, size))
             yield PairCrop({**describe, "origin": list(start), "shape": list(size)},
                            np.ascontiguousarray(cond[sl]), np.ascontiguousarray(thin[sl]))

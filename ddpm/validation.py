@@ -37,7 +37,7 @@ def centre_start(shape, size) -> tuple[int, ...]:
     return tuple(max(0, (s - c) // 2) for s, c in zip(shape, size))
 
 
-def val_crops(cases: list[LatentCase], cache: Path, size, compression, window=(-1024.0, 2048.0)) -> list[ValCrop]:
+def val_crops(cases: list[LatentCase], cache: Path, size, compression, window) -> list[ValCrop]:
     out = []
     for c in cases:
         if c.thin_image is not None:  # an extra pair crop carries its own truth and cubic: scored whole
@@ -73,7 +73,7 @@ def validate(net, codec, space: LatentSpace, sampler, crops: list[ValCrop], step
         gen = torch.Generator().manual_seed(1234 + k)
         extra = None
         if cond_image_factor is not None:
-            extra = space_to_depth(codec.to_unit(vc.cubic_hu), cond_image_factor)[..., :vc.cond.shape[2], :vc.cond.shape[3], :vc.cond.shape[4]]
+            extra = space_to_depth(codec.to_unit(vc.cubic_hu), cond_image_factor, vc.cond.shape[2:])
         z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16,
                                extra=None if extra is None else extra.to(ctx.device))
         shape = vc.truth_hu.shape[2:]

@@ -65,6 +65,18 @@ def hu_limits(thick: CTVolume) -> tuple[float, float]:
     return min(-1024.0, float(thick.array.min())), max(3071.0, float(thick.array.max()))
 
 
+def case_info(name: str, thick: CTVolume, cfg, res, consistency: dict, clipped: int, limits) -> dict:
+    """What cases.json says of a case, whole or tiled."""
+    info = {"case": name, "input_shape": list(thick.shape), "input_spacing_mm": [round(float(s), 4) for s in thick.spacing],
+            "slab_thickness_mm": thick.thickness, "output_shape": list(res.grid.shape),
+            "output_spacing_mm": cfg.spacing_mm, "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
+            "consistency_residual": consistency, "clipped_voxels": {"count": clipped, "range_hu": list(limits)},
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if res.adapt_info:
+        info["adaptation"] = res.adapt_info
+    return info
+
+
 def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models, cfg, out: Path, rows: list,
              progress: bool = True, stage: Stages | None = None) -> dict:
     if models.device.type == "cuda":
@@ -82,14 +94,8 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
     save_nifti(out / f"{name}.nii.gz", final, res.grid.affine)
     if res.std is not None:
         save_nifti(out / f"{name}_std.nii.gz", res.std.astype(np.float32), res.grid.affine)
-    info = {"case": name, "input_shape": list(thick.shape), "input_spacing_mm": [round(float(s), 4) for s in thick.spacing],
-            "slab_thickness_mm": thick.thickness, "output_shape": list(res.grid.shape),
-            "output_spacing_mm": cfg.spacing_mm, "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
-            "consistency_residual": consistency_residual(final.astype(np.float32), thick, res.grid),
-            "clipped_voxels": {"count": clipped, "range_hu": [lo, hi]},
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    if res.adapt_info:
-        info["adaptation"] = res.adapt_info
+    info = case_info(name, thick, cfg, res, consistency_residual(final.astype(np.float32), thick, res.grid), clipped,
+                     (lo, hi))
     if models.device.type == "cuda":
         info["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if truth is not None:
@@ -140,15 +146,7 @@ def run_tiled(name: str, thick: CTVolume, models: Models, cfg, out: Path, tiles,
     res = interpolate_tiled(thick, models, cfg, tiles, (lo, hi), progress, stage)
     stage(f"write {out / (name + '.nii.gz')}")
     save_nifti(out / f"{name}.nii.gz", res.output, res.grid.affine)
-    info = {"case": name, "input_shape": list(thick.shape), "input_spacing_mm": [round(float(s), 4) for s in thick.spacing],
-            "slab_thickness_mm": thick.thickness, "output_shape": list(res.grid.shape),
-            "output_spacing_mm": cfg.spacing_mm, "tiles": res.tiles,
-            "seconds": {k: round(v, 2) for k, v in res.seconds.items()},
-            "consistency_residual": res.consistency,
-            "clipped_voxels": {"count": res.clipped, "range_hu": [lo, hi]},
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    if res.adapt_info:
-        info["adaptation"] = res.adapt_info
+    info = {**case_info(name, thick, cfg, res, res.consistency, res.clipped, (lo, hi)), "tiles": res.tiles}
     info["seconds"]["case"] = round(time.perf_counter() - t0, 2)
     return info
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from AutoEncoder.codec import Codec, load_autoencoder
 from AutoEncoder.model import PatchVolumeAutoencoder
+from dataset.intensity import to_int16_hu
 from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
 from dataset.volume import CTVolume
 from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
@@ -171,7 +172,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     extra = None
     if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
         unit = models.codec.to_unit(cubic)[None, None]
-        extra = space_to_depth(unit, models.autoencoder.compression)[..., :cond.shape[2], :cond.shape[3], :cond.shape[4]]
+        extra = space_to_depth(unit, models.autoencoder.compression, cond.shape[2:])
         del unit
 
     adaptation, adapt_info = None, None
@@ -293,8 +294,6 @@ def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, t
     """The scan in thick-slice tiles: peak memory grows with the tile, not the scan. The adaptation is fitted
     once on the whole scan; each tile is interpolated with its halo and only its own slabs are kept (the
     consistency step is per slab, so it is exact per tile). The output is int16 HU (2 bytes a voxel)."""
-    from dataset.intensity import to_int16_hu
-
     stage = stage or Stages(progress)
     t0 = time.perf_counter()
     grid = output_grid(thick, cfg.spacing_mm)
