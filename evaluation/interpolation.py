@@ -105,7 +105,7 @@ def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch
 
 # Measured peak of the decoder per output voxel of a chunk (halo included): about 185 bytes in bf16 (8 GB for
 # 88^3 latent voxels at 4x4x4); fp32 doubles it. Rounded up.
-DECODER_BYTES_PER_VOXEL = {True: 240, False: 480}
+DECODER_BYTES_PER_VOXEL = {True: 280, False: 560}  # +1/6: the 4x4x2 decoder peaked 8.26 GiB under the 8 GiB plan with 240
 RUNTIME_GB = 1.5  # python, torch, the models
 # output-sized float32 arrays alive at the peak (cubic, adaptation, offset, the decoder's full output and its HU,
 # the running mean, the output, the consistency step's temporaries): 512x512x300 peaked at 9.96 GiB with 7 here
