@@ -67,8 +67,9 @@ class Codec:
             return self.model.encode_volume(x, progress=progress).float()
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, shape, progress: bool = False, chunk=None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, shape, progress: bool = False, chunk=None, halo=None) -> torch.Tensor:
         """(B, C, x, y, z) latent -> (B, 1, X, Y, Z) float32 HU on the CPU."""
         with self.precision.autocast(self.device):
-            unit = self.model.decode_volume(z.to(self.device), shape=shape, progress=progress, chunk=chunk).float()
+            unit = self.model.decode_volume(z.to(self.device), shape=shape, progress=progress, chunk=chunk,
+                                             halo=halo).float()
         return unit_to_hu(unit.cpu(), self.window)

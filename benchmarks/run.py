@@ -75,75 +75,78 @@ def load(path):
     return load_config(ROOT / path)
 
 
-def bench_ae_step(a) -> dict:
-    """One stage-1 generator + discriminator step (L1 + KL/VQ + PatchGAN), as AutoEncoder/trainer.py does."""
-    import torch.nn.functional as F
+def single_process(device: str):
+    from thinslice.distributed import DistContext
 
-    from AutoEncoder.losses import Adversary
-    from AutoEncoder.model import PatchVolumeAutoencoder
+    return DistContext(rank=0, world=1, local_rank=0, device=torch.device(device))
+
+
+def bench_ae_step(a) -> dict:
+    """The autoencoder trainer's own step (AutoEncoder.trainer.AutoencoderTask.train_step: L1 + reg, perceptual and
+    GAN as the config sets them, G and D) on random patches. Missing MedicalNet weights are replaced by random
+    ones (the same FLOPs)."""
+    import tempfile
+
+    from AutoEncoder.losses import medicalnet_resnet10
+    from AutoEncoder.trainer import AutoencoderTask
 
     cfg = load(a.ae_config)
-    dev, bf16 = a.device, use_bf16(torch.device(a.device), cfg.ae_train)  # the trainer's own rule
-    model = PatchVolumeAutoencoder(cfg.autoencoder).to(dev).train()
-    adv = Adversary(cfg.loss.disc_channels, cfg.loss.disc_layers, cfg.loss.adv_criterion).to(dev)
-    opt_g, opt_d = torch.optim.AdamW(model.parameters()), torch.optim.AdamW(adv.parameters())
-    x = torch.rand(a.ae_batch, 1, *cfg.autoencoder.patch_size, device=dev) * 2 - 1
-
-    def step():
-        opt_g.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            recon, reg, _ = model(x)
-            loss = F.l1_loss(recon.float(), x) + reg + cfg.loss.adv_weight * adv.generator_loss(recon, x)
-        loss.backward()
-        opt_g.step()
-        opt_d.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            adv.discriminator_loss(recon.detach(), x).backward()
-        opt_d.step()
-
-    dt, gib = timed(step, dev, a.warmup, a.iters)
-    return {"what": "autoencoder stage-1 step (L1 + reg + PatchGAN, G and D)", "config": a.ae_config, "bf16": bf16,
+    perceptual = "off"
+    if cfg.loss.perceptual_weight > 0:
+        perceptual = cfg.loss.perceptual_weights
+        if not Path(perceptual).is_file():
+            stand_in = Path(tempfile.mkdtemp()) / "medicalnet_random.pth"
+            torch.save(medicalnet_resnet10().state_dict(), stand_in)
+            perceptual = "random MedicalNet weights (the file is not shipped)"
+            cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"perceptual_weights": str(stand_in)})})
+    # the GAN on from the first step, one micro-batch: the most expensive step the trainer runs
+    cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"adv_start_step": 0}),
+                                 "ae_train": cfg.ae_train.model_copy(update={"grad_accum": 1})})
+    task = AutoencoderTask(cfg, single_process(a.device), cache=None)
+    task.wrap()
+    x = torch.rand(a.ae_batch, 1, *cfg.autoencoder.patch_size, device=a.device) * 2 - 1
+    dt, gib = timed(lambda: task.train_step([x]), a.device, a.warmup, a.iters)
+    return {"what": "autoencoder stage-1 training step (AutoencoderTask.train_step: G and D)", "config": a.ae_config,
+            "bf16": task.bf16, "perceptual": perceptual, "gan": task.adversary is not None,
             "batch": a.ae_batch, "patch": list(cfg.autoencoder.patch_size),
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "params_m": round(sum(p.numel() for p in task.model.parameters()) / 1e6, 2),
             "seconds_per_step": round(dt, 4), "samples_per_s": round(a.ae_batch / dt, 2),
             "voxels_per_s": round(x.numel() / dt), "peak_gib": round(gib, 2)}
 
 
 def bench_unet_step(a) -> dict:
-    """One U-Net training step (ddpm.trainer.diffusion_loss, AdamW); FLOPs counted for utilisation."""
+    """The U-Net trainer's own step (ddpm.trainer.UNetTask.train_step: loss, backward, clip, AdamW, EMA) on random
+    latents; FLOPs of its forward + backward counted for utilisation."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ddpm.latent_data import LatentSpace
-    from ddpm.build import build_diffusion, build_unet
-    from ddpm.trainer import diffusion_loss
+    from ddpm.trainer import UNetTask, diffusion_loss
 
     cfg = load(a.unet_config)
-    dev, bf16 = a.device, use_bf16(torch.device(a.device), cfg.unet_train)
     c = a.latent_channels
-    net = build_unet(cfg, c).to(dev).train()
+    b = cfg.unet_train.batch_size if a.unet_batch is None else a.unet_batch
+    cfg = cfg.model_copy(update={"unet_train": cfg.unet_train.model_copy(update={"batch_size": b, "grad_accum": 1})})
+    task = UNetTask(cfg, single_process(a.device), latents=None, latent_channels=c)
+    task.space = LatentSpace(1.0, cfg.diffusion.residual, 1.0)
+    dev, net, crop = a.device, task.model, cfg.unet_train.crop_size
     if a.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
-    fwd = torch.compile(net) if a.compile else net
-    diffusion, space = build_diffusion(cfg), LatentSpace(1.0, cfg.diffusion.residual, 1.0)
-    opt = torch.optim.AdamW(net.parameters())
-    b, crop = cfg.unet_train.batch_size if a.unet_batch is None else a.unet_batch, cfg.unet_train.crop_size
+    task.net = torch.compile(net) if a.compile else net
     g = torch.Generator(device="cpu").manual_seed(0)
-    batch = {"thin": torch.randn(b, c, *crop, generator=g).to(dev), "cond": torch.randn(b, c, *crop, generator=g).to(dev),
-             "spacing": torch.tensor([[5.0, 1.0]] * b, device=dev)}
-    t = torch.randint(0, diffusion.num_steps, (b,), generator=g).to(dev)
-    noise = torch.randn(b, c, *crop, generator=g).to(dev)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        diffusion_loss(fwd, diffusion, space, batch, t, noise, bf16).mean().backward()
-        opt.step()
-
+    batch = {"thin": torch.randn(b, c, *crop, generator=g), "cond": torch.randn(b, c, *crop, generator=g),
+             "spacing": torch.tensor([[5.0, 1.0]] * b)}
+    if cfg.unet.cond_image:
+        image = [n * f for n, f in zip(crop, task.compression)]  # the cubic crop at image resolution
+        batch["cond_image"] = torch.randn(b, 1, *image, generator=g)
     counter = FlopCounterMode(display=False)
     with counter:
-        diffusion_loss(net, diffusion, space, batch, t, noise, bf16).mean().backward()
+        moved = {k: v.to(dev) for k, v in batch.items()}
+        t = torch.randint(0, task.diffusion.num_steps, (b,), generator=g).to(dev)
+        diffusion_loss(net, task.diffusion, task.space, moved, t, torch.randn_like(moved["thin"]), task.bf16,
+                       task.compression).mean().backward()
     flops = counter.get_total_flops()
-    dt, gib = timed(step, dev, a.warmup + (3 if a.compile else 0), a.iters)
-    out = {"what": "latent U-Net training step (v-prediction loss, AdamW)", "config": a.unet_config, "bf16": bf16,
+    dt, gib = timed(lambda: task.train_step([batch]), dev, a.warmup + (3 if a.compile else 0), a.iters)
+    out = {"what": "latent U-Net training step (UNetTask.train_step)", "config": a.unet_config, "bf16": task.bf16,
            "batch": b, "crop": list(crop), "latent_channels": c, "compile": a.compile, "channels_last_3d": a.channels_last,
            "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
            "seconds_per_step": round(dt, 4), "samples_per_s": round(b / dt, 2),

@@ -12,6 +12,7 @@ autoencoder's blur cancels instead of capping the result at its reconstruction q
 """
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -103,32 +104,43 @@ def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch
     return models.codec.encode(hu, progress)
 
 
-# Measured peak of the decoder per output voxel of a chunk (halo included): about 185 bytes in bf16 (8 GB for
-# 88^3 latent voxels at 4x4x4); fp32 doubles it. Rounded up.
-DECODER_BYTES_PER_VOXEL = {True: 280, False: 560}  # +1/6: the 4x4x2 decoder peaked 8.26 GiB under the 8 GiB plan with 240
+# Peak of the decoder per output voxel of one chunk with its halo, measured on the shipped 4x4x2 autoencoder
+# (benchmarks/decode_memory.py): 396..452 bytes in bf16, 530 in fp32 (latent 48^3 and 64^3); rounded up.
+DECODER_BYTES_PER_VOXEL = {True: 480, False: 600}
 RUNTIME_GB = 1.5  # python, torch, the models
 # output-sized float32 arrays alive at the peak (cubic, adaptation, offset, the decoder's full output and its HU,
 # the running mean, the output, the consistency step's temporaries): 512x512x300 peaked at 9.96 GiB with 7 here
 OUTPUT_ARRAYS = 12
 
 
-def decode_chunk_for(models: "Models", shape, max_memory_gb: float) -> tuple[int, int, int]:
-    """The largest cubic latent chunk (at most the autoencoder's own) whose decoding fits the memory left
-    once the output-sized arrays of this scan are counted."""
-    ae = models.autoencoder.cfg
-    halo, f = ae.decode_halo, models.autoencoder.compression
+def decode_halo(models: "Models", cfg: InterpolateConfig) -> int:
+    """Latent context per side of a decoded chunk: the interpolation's (6: within 1 HU of unchunked decoding
+    on the shipped autoencoder, benchmarks/decode_halo.py) unless the autoencoder's own is smaller."""
+    own = models.autoencoder.cfg.decode_halo
+    return own if cfg.decode_halo is None else min(own, cfg.decode_halo)
+
+
+def decode_chunk_for(models: "Models", shape, max_memory_gb: float, halo: int) -> tuple[int, int, int]:
+    """The split of the latent into chunks that decodes the fewest voxels (chunks and their halos) while one
+    chunk fits the memory left once the output-sized arrays of this scan are counted."""
+    f = models.autoencoder.compression
+    latent = [int(np.ceil(s / k)) for s, k in zip(shape, f)]
     left = max_memory_gb - RUNTIME_GB - OUTPUT_ARRAYS * 4 * float(np.prod(shape)) / 2**30
-    per_voxel = DECODER_BYTES_PER_VOXEL[bool(models.precision.bf16)] * float(np.prod(f))
-    whole = tuple(int(np.ceil(s / k)) for s, k in zip(shape, f))
-    if np.prod(whole) * per_voxel <= left * 2**30:  # one pass, no halo to recompute
-        return tuple(max(w, c) for w, c in zip(whole, ae.decode_chunk))
-    edge = int((max(left, 0.25) * 2**30 / per_voxel) ** (1 / 3)) - 2 * halo
-    edge = max(4, min(edge, min(ae.decode_chunk)))
-    return (edge, edge, edge)
+    fits = max(left, 0.25) * 2**30 / (DECODER_BYTES_PER_VOXEL[bool(models.precision.bf16)] * float(np.prod(f)))
+    best = None
+    for split in itertools.product(*(range(1, max(2, n // 4 + 1)) for n in latent)):
+        chunk = [int(np.ceil(n / k)) for n, k in zip(latent, split)]
+        context = [n if k == 1 else min(n, c + 2 * halo) for n, c, k in zip(latent, chunk, split)]
+        work = (int(np.prod(split)) * int(np.prod(context)), int(np.prod(split)))
+        if np.prod(context) <= fits and (best is None or work < best[0]):
+            best = (work, tuple(chunk))
+    if best is None:  # not even 4-voxel chunks fit: the smallest there are
+        return tuple(min(4, n) for n in latent)
+    return best[1]
 
 
-def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None) -> np.ndarray:
-    return models.codec.decode(z, shape, progress, chunk)[0, 0].numpy()
+def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None, halo=None) -> np.ndarray:
+    return models.codec.decode(z, shape, progress, chunk, halo)[0, 0].numpy()
 
 
 class Stages:
@@ -198,8 +210,9 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     base = cubic if adaptation is None else cubic + adaptation
     if cfg.decode == "residual":
         stage("decode the condition (residual decoding subtracts it)")
-    chunk = decode_chunk_for(models, grid.shape, cfg.max_memory_gb)
-    offset = (base - decode_hu(models, cond, grid.shape, progress, chunk)).astype(np.float32) \
+    halo = decode_halo(models, cfg)
+    chunk = decode_chunk_for(models, grid.shape, cfg.max_memory_gb, halo)
+    offset = (base - decode_hu(models, cond, grid.shape, progress, chunk, halo)).astype(np.float32) \
         if cfg.decode == "residual" else 0.0
     del base
     total = total_sq = None
@@ -209,7 +222,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage(f"sample the thin latent ({steps} {name.upper()} steps" + (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
         z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser, extra)
         stage("decode")
-        hu = decode_hu(models, z, grid.shape, progress, chunk) + offset
+        hu = decode_hu(models, z, grid.shape, progress, chunk, halo) + offset
         total = hu if total is None else total + hu
         if cfg.samples > 1:
             sq = hu.astype(np.float64) ** 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
@@ -261,7 +274,7 @@ def plan_tiles(thick: CTVolume, models: Models, cfg: InterpolateConfig) -> list[
     n = thick.shape[2]
     if cfg.tile_slices is None and n * per_thick_slice <= budget:
         return None
-    halo_mm = models.autoencoder.cfg.decode_halo * models.autoencoder.compression[2] * cfg.spacing_mm
+    halo_mm = decode_halo(models, cfg) * models.autoencoder.compression[2] * cfg.spacing_mm
     halo = int(np.ceil(halo_mm / thick.slice_spacing)) + 1
     keep = cfg.tile_slices or int(budget // per_thick_slice) - 2 * halo
     if keep >= n:
