@@ -2,7 +2,8 @@
 #   docker build -t registry.example.com/thinslice:0.1.0 . && docker push registry.example.com/thinslice:0.1.0
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 MPLBACKEND=Agg
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 MPLBACKEND=Agg \
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 WORKDIR /app
 
 # Dependencies first (cached layer); torch and torchvision come with the base image.
