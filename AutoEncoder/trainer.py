@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from AutoEncoder.evaluate import reconstruct_case
+from AutoEncoder.reconstruction import reconstruct_case
 from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split

@@ -71,3 +71,17 @@ def test_sampling_is_deterministic_under_a_seed():
         a = sampler.sample(model, (1, 2, 4, 4, 4), 20, generator=torch.Generator().manual_seed(7))
         b = sampler.sample(model, (1, 2, 4, 4, 4), 20, generator=torch.Generator().manual_seed(7))
         assert torch.equal(a, b)
+
+
+def test_sampler_registry_and_the_config_schema_name_the_same_samplers():
+    """The schema (thinslice, which imports no model code) lists the names by hand; this holds it to the registry."""
+    import typing
+
+    from ddpm.samplers import SAMPLERS, make_sampler
+    from thinslice.config import DiffusionConfig, InterpolateConfig
+
+    assert set(typing.get_args(DiffusionConfig.model_fields["sampler"].annotation)) == set(SAMPLERS)
+    allowed = {a for t in typing.get_args(InterpolateConfig.model_fields["sampler"].annotation) for a in typing.get_args(t)}
+    assert allowed == set(SAMPLERS)
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        make_sampler("dpm", GaussianDiffusion(ABAR))

@@ -150,3 +150,17 @@ def test_residual_space_round_trips_and_crops_do_not_depend_on_who_draws_them():
     full = ResumableDistributedSampler(crops, num_replicas=2, rank=0, seed=0)
     full.set_epoch(2)
     assert list(s) == list(full)[3:]
+
+
+def test_validation_decodes_with_the_autoencoders_window_not_the_unet_yaml(latents, tiny_ae_checkpoint):
+    """The U-Net's YAML carries a data.hu_window of its own (default or not); latents were encoded in the
+    autoencoder checkpoint's window, so validation must decode in that one."""
+    from ddpm.trainer import UNetTask
+    from thinslice.config import Config
+    from thinslice.distributed import DistContext
+
+    cfg = Config.model_validate({**TINY, "data": {"hu_window": [-500.0, 500.0]}})
+    task = UNetTask(cfg, DistContext(0, 1, 0, torch.device("cpu")), latents)
+    ae_window = tuple(load_checkpoint(tiny_ae_checkpoint)["config"]["data"]["hu_window"])
+    assert ae_window != (-500.0, 500.0)
+    assert task.codec.window == ae_window and task.vcrops
