@@ -51,29 +51,6 @@ def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: i
     return model
 
 
-# The in-plane transforms latent crops are trained under (ddpm.latent_data: a flip of the first axis, then a
-# swap of the two in-plane axes), each with its inverse: (forward, inverse) on (B, C, X, Y, Z)
-INPLANE_VARIANTS = (
-    (lambda v: v, lambda v: v),
-    (lambda v: v.flip(2), lambda v: v.flip(2)),
-    (lambda v: v.transpose(2, 3), lambda v: v.transpose(2, 3)),
-    (lambda v: v.flip(2).transpose(2, 3), lambda v: v.transpose(2, 3).flip(2)),
-)
-
-
-def flip_averaged(denoiser):
-    """The network's prediction averaged over the in-plane flips and axis swaps it was trained under (undone
-    before averaging): at 1 sampling step the output is the mean of four posterior-mean estimates."""
-
-    def model(x, t, cond, spacing):
-        out = 0.0
-        for fwd, inv in INPLANE_VARIANTS:
-            out = out + inv(denoiser(fwd(x), t, fwd(cond), spacing))
-        return out / len(INPLANE_VARIANTS)
-
-    return model
-
-
 @torch.no_grad()
 def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Tensor, spacing: torch.Tensor,
                        steps: int, generator: torch.Generator | None = None, bf16: bool = False, progress=None,

@@ -27,7 +27,7 @@ from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.intensity import to_int16_hu
 from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
 from dataset.volume import CTVolume
-from ddpm.generate import flip_averaged, load_unet, sample_thin_latent, sliding_window_denoiser
+from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
 from ddpm.latent_data import space_to_depth
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
@@ -181,8 +181,6 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     window = cfg.window or tuple(models.unet_config.unet_train.crop_size)
     denoiser = sliding_window_denoiser(models.unet, window, cfg.overlap, cfg.sw_batch_size, bf16)
-    if cfg.flip_average:
-        denoiser = flip_averaged(denoiser)
     extra = None
     if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
         unit = models.codec.to_unit(cubic)[None, None]

@@ -271,8 +271,6 @@ class InterpolateConfig(_Strict):
     window: tuple[int, int, int] | None = None
     overlap: float = Field(0.25, ge=0, lt=1)
     sw_batch_size: int = Field(4, gt=0)
-    # average the U-Net's prediction over the 4 in-plane flips / axis swaps it was trained under (4x U-Net time)
-    flip_average: bool = False
     consistency: bool = True  # project the output so each slab's average equals the thick slice
     # residual: output = cubic + D(z_thin) - D(z_cubic), so the autoencoder's own reconstruction error cancels
     # and only what the U-Net changed in latent space reaches the image; direct: output = D(z_thin)
