@@ -23,7 +23,7 @@ from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistribut
 from ddpm.samplers import make_sampler
 from ddpm.validation import val_crops, validate
 from thinslice import loop, precision
-from thinslice.checkpoint import warmup_cosine
+from thinslice.checkpoint import load_checkpoint, warmup_cosine
 from thinslice.config import Config, ConfigError, load_config
 from thinslice.distributed import init_distributed, no_sync
 from thinslice.run import add_run_arguments, use_bf16, with_overrides
@@ -83,6 +83,8 @@ class UNetTask:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(tc.warmup_steps, tc.max_steps))
         self.space = None
+        if tc.init_from and latents is not None:
+            self.space = self._init_from(Path(tc.init_from), latent_channels)
         self.net = self.model
         if ctx.distributed:
             self.net = DDP(self.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
@@ -94,6 +96,27 @@ class UNetTask:
         self.val_sampler = make_sampler(cfg.diffusion.sampler, self.diffusion, eta=cfg.diffusion.eta)
         self.buckets = torch.zeros(2, BUCKETS, dtype=torch.float64)  # per-bucket loss sums and counts since the last log
         self.batches = None
+
+    def _init_from(self, path: Path, latent_channels: int) -> LatentSpace:
+        """Weights and latent scaling of another U-Net, checked to fit these latents and this architecture."""
+        if not path.is_file():
+            raise FileNotFoundError(f"unet_train.init_from: {path} not found")
+        state = load_checkpoint(path)
+        if state.get("ae_fingerprint") != self.index.get("ae_fingerprint"):
+            raise ValueError(f"unet_train.init_from: {path} was trained on latents of another autoencoder than these "
+                             f"latents (fingerprint {state.get('ae_fingerprint')} vs {self.index.get('ae_fingerprint')}); "
+                             f"encode the latents with the autoencoder it was trained with")
+        if (state["latent_channels"], tuple(state.get("compression") or ())) != (latent_channels, self.compression):
+            raise ValueError(f"unet_train.init_from: {path} is for {state['latent_channels']} latent channels at "
+                             f"{state.get('compression')}, these latents have {latent_channels} at {self.compression}")
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"unet_train.init_from: {path} does not fit the unet section of this config: "
+                             f"{str(e).splitlines()[0]}") from None
+        self.ema.module.load_state_dict(self.model.state_dict())
+        return LatentSpace.from_state(state["latent_space"])
 
     def _saved(self) -> dict:
         return {"latent_space": self.space.state_dict(), "config": self.cfg.model_dump(mode="json"),

@@ -164,3 +164,36 @@ def test_validation_decodes_with_the_autoencoders_window_not_the_unet_yaml(laten
     ae_window = tuple(load_checkpoint(tiny_ae_checkpoint)["config"]["data"]["hu_window"])
     assert ae_window != (-500.0, 500.0)
     assert task.codec.window == ae_window and task.vcrops
+
+
+def test_fine_tuning_starts_from_the_exported_weights_and_checks_they_fit(latents, tmp_path, capsys):
+    """unet_train.init_from: a fresh run starts from another U-Net's EMA weights and latent scaling (exported
+    file or run checkpoint); weights for another autoencoder or another architecture are refused by name."""
+    from ddpm.trainer import UNetTask
+    from thinslice.config import Config
+    from thinslice.distributed import DistContext
+
+    base = tmp_path / "base"
+    assert train_main(["--config", str(write_config(tmp_path / "a.yaml", max_steps=3, val_every=100)),
+                       "--latents", str(latents), "--output", str(base)]) == 0
+    slim = tmp_path / "unet.pt"
+    export_unet(base / "checkpoints" / "step_00000003.pt", slim)
+    net, space, _, _ = load_unet(slim)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    task = UNetTask(Config.model_validate({**TINY, "unet_train": {**TINY["unet_train"], "init_from": str(slim)}}), ctx,
+                    latents)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(task.model.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(task.ema.module.state_dict()[k], v, rtol=0, atol=0)
+    assert task.space.state_dict() == space.state_dict()
+
+    state = torch.load(slim, weights_only=True)
+    state["ae_fingerprint"] = "0" * 16
+    torch.save(state, tmp_path / "other_ae.pt")
+    wider = {**TINY, "unet": {**TINY["unet"], "model_channels": 16}}
+    for bad, cfg, says in ((tmp_path / "other_ae.pt", TINY, "another autoencoder"),
+                           (slim, wider, "does not fit the unet section")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "unet_train": {**cfg["unet_train"], "init_from": str(bad)}}))
+        assert train_main(["--config", str(path), "--latents", str(latents), "--output", str(tmp_path / "x")]) == 2
+        assert says in capsys.readouterr().err

@@ -250,6 +250,10 @@ class UNetTrainConfig(TrainingLoop):
     val_crop: tuple[int, int, int] | None = (32, 32, 16)  # latent crop at each val case's centre; None = whole
     val_sample_steps: int = Field(25, gt=0)
     checkpoint_every: int = Field(2000, gt=0)
+    # start from the EMA weights and latent scaling of this U-Net (a run's checkpoint or an exported file such as
+    # pretrained/unet.pt) with a fresh optimiser and schedule: fine-tuning on one's own latents, which must come
+    # from the autoencoder that U-Net was trained with; a resumed run ignores it
+    init_from: str | None = None
 
 
 class InterpolateConfig(_Strict):
