@@ -172,6 +172,8 @@ def parse_args(argv=None):
     p.add_argument("--adapt", type=int, metavar="N",
                    help="fine-tune a per-scan refiner for N steps on the input's own in-plane pairs first "
                         "(evaluation/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
+    p.add_argument("--max-memory-gb", type=float, metavar="GB",
+                   help="peak memory to plan for (default 8): decoder chunks shrink and long scans are tiled to fit it")
     p.add_argument("--fill-nonfinite", type=float, metavar="HU",
                    help="replace NaN/Inf input voxels with this value (default: refuse such input)")
     p.add_argument("--not-ct-ok", action="store_true",
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
         overrides = {"autoencoder": args.autoencoder and str(args.autoencoder), "unet": args.unet and str(args.unet),
                      "spacing_mm": args.spacing, "sample_steps": args.steps, "samples": args.samples, "seed": args.seed,
                      "consistency": False if args.no_consistency else None, "decode": args.decode,
-                     "adapt_steps": args.adapt}
+                     "adapt_steps": args.adapt, "max_memory_gb": args.max_memory_gb}
         cfg = cfg.model_validate({**cfg.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         policy = choose(device, cfg.bf16, cfg.cpu_bf16)

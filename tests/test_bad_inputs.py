@@ -63,6 +63,13 @@ def test_volumes_that_are_not_ct_are_refused_unless_overridden(weights, thick_im
     assert "1 slice(s)" in capsys.readouterr().err
 
 
+def test_a_memory_plan_too_small_for_one_tile_is_refused_before_any_work(weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(weights, THICK, out, "--max-memory-gb", "1.01") == 2
+    assert "--max-memory-gb 1.01 is too small" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_check_ct_on_real_ct_passes_and_names_the_problem(chest):
     assert check_ct(chest) is chest
     with pytest.raises(CaseError, match="outside any CT range"):
