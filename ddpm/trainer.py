@@ -20,10 +20,11 @@ from ddpm.build import build_diffusion, build_unet, condition_input
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
                               read_index)
+from ddpm.generate import load_unet
 from ddpm.samplers import make_sampler
 from ddpm.validation import val_crops, validate
 from thinslice import loop, precision
-from thinslice.checkpoint import load_checkpoint, warmup_cosine
+from thinslice.checkpoint import warmup_cosine
 from thinslice.config import Config, ConfigError, load_config
 from thinslice.distributed import init_distributed, no_sync
 from thinslice.run import add_run_arguments, use_bf16, with_overrides
@@ -101,7 +102,7 @@ class UNetTask:
         """Weights and latent scaling of another U-Net, checked to fit these latents and this architecture."""
         if not path.is_file():
             raise FileNotFoundError(f"unet_train.init_from: {path} not found")
-        state = load_checkpoint(path)
+        net, space, _, state = load_unet(path)  # its own config builds it; the weights must then fit ours
         if state.get("ae_fingerprint") != self.index.get("ae_fingerprint"):
             raise ValueError(f"unet_train.init_from: {path} was trained on latents of another autoencoder than these "
                              f"latents (fingerprint {state.get('ae_fingerprint')} vs {self.index.get('ae_fingerprint')}); "
@@ -109,14 +110,13 @@ class UNetTask:
         if (state["latent_channels"], tuple(state.get("compression") or ())) != (latent_channels, self.compression):
             raise ValueError(f"unet_train.init_from: {path} is for {state['latent_channels']} latent channels at "
                              f"{state.get('compression')}, these latents have {latent_channels} at {self.compression}")
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
         try:
-            self.model.load_state_dict(weights)
+            self.model.load_state_dict(net.state_dict())
         except RuntimeError as e:
             raise ValueError(f"unet_train.init_from: {path} does not fit the unet section of this config: "
                              f"{str(e).splitlines()[0]}") from None
         self.ema.module.load_state_dict(self.model.state_dict())
-        return LatentSpace.from_state(state["latent_space"])
+        return space
 
     def _saved(self) -> dict:
         return {"latent_space": self.space.state_dict(), "config": self.cfg.model_dump(mode="json"),

@@ -69,6 +69,7 @@ def is_script(m: str, path: Path) -> bool:
 def violations(root: Path) -> list[str]:
     edges, files = graph(root)
     scripts = {m for m, f in files.items() if is_script(m, f)}
+    commands = {m for m, f in files.items() if has_main(f)}
     out = []
     for m, targets in edges.items():
         top = m.split(".")[0]
@@ -77,7 +78,7 @@ def violations(root: Path) -> list[str]:
                 out.append(f"upward import: {m} -> {t}")
             elif t in scripts:
                 out.append(f"imports a script: {m} -> {t}")
-            elif m not in scripts and has_main(files[t]):
+            elif m not in scripts and t in commands:
                 out.append(f"imports a command module: {m} -> {t}")
     # module circles: depth-first search for a back edge
     state: dict[str, int] = {}
@@ -86,7 +87,7 @@ def violations(root: Path) -> list[str]:
         state[m] = 1
         for t in sorted(edges.get(m, ())):
             if state.get(t) == 1:
-                out.append("import circle: " + " -> ".join(path[path.index(t):] + [t]) if t in path else t)
+                out.append("import circle: " + " -> ".join(path[path.index(t):] + [t]))
             elif t not in state:
                 visit(t, path + [t])
         state[m] = 2
