@@ -14,6 +14,8 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator, resnet10
 from torch import nn
 
+from thinslice.weights import find_weights
+
 MEDICALNET_HINT = ("MedicalNet ResNet-10 weights (resnet_10_23dataset.pth from Tencent/MedicalNet, MIT licence) "
                    "saved as {path}; or set loss.perceptual_weight: 0 to train without the perceptual loss")
 
@@ -28,9 +30,11 @@ class MedicalNetPerceptualLoss(nn.Module):
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"perceptual loss: missing {path}. Needs " + MEDICALNET_HINT.format(path=path))
+        try:
+            path = find_weights(weights_path, "perceptual loss weights")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"perceptual loss: missing {weights_path}. Needs "
+                                    + MEDICALNET_HINT.format(path=weights_path) + f" ({e})") from None
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -1,11 +1,12 @@
-"""Command line of evaluation/interpolate.py: thick scans in, thin NIfTI (HU, int16) out, and a report
-against linear and cubic interpolation whenever the thin truth is known."""
+"""Command line of evaluation/interpolate.py: thick scans in, thin NIfTI and/or DICOM (HU, int16) out, and a
+report against linear and cubic interpolation whenever the thin truth is known."""
 from __future__ import annotations
 
 import argparse
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -13,10 +14,12 @@ import numpy as np
 import torch
 
 from dataset.checks import check_ct
+from dataset.dicom_write import software, write_series
 from dataset.cache import cases_in_split, load_case
 from dataset.errors import CaseError
 from dataset.intensity import to_int16_hu
 from dataset.readers import case_series, strip_source_suffix
+from dataset.split import KEY_FILE, case_pseudonym, key_from_file
 from dataset.volume import CTVolume
 from thinslice.atomic import atomic_path, remove_partials, write_json
 from thinslice.config import ConfigError, load_config
@@ -46,6 +49,33 @@ def output_name(source: Path) -> str:
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         nib.save(CTVolume(array, affine).to_nifti(), tmp)
+
+
+@dataclass
+class Outputs:
+    """What is written of each case: NIfTI and/or a DICOM series (--output-format), maybe anonymized."""
+
+    format: str | None = None  # nifti, dicom or both; None: both for a DICOM input, else nifti
+    key: bytes | None = None  # --anonymize: case names are pseudonyms under this key, and so is the DICOM patient
+
+
+def save_outputs(out: Path, name: str, array: np.ndarray, affine: np.ndarray, thick: CTVolume, outputs: Outputs,
+                 stage) -> list[Path]:
+    """The thin int16 volume as OUT/<name>.nii.gz and/or OUT/<name>_dicom/ (a new series in the input's study)."""
+    fmt = outputs.format or ("both" if thick.info.get("format") == "dicom" else "nifti")
+    written = []
+    if fmt in ("nifti", "both"):
+        written.append(out / f"{name}.nii.gz")
+        stage(f"write {written[-1]}")
+        save_nifti(written[-1], array, affine)
+    if fmt in ("dicom", "both"):
+        written.append(out / f"{name}_dicom")
+        stage(f"write {written[-1]}")
+        thin = float(nib.affines.voxel_sizes(affine)[2])
+        write_series(written[-1], array, affine, thick.info.get("dicom_header"),
+                     f"thin {thin:g} mm from {thick.thickness:g} mm, {software()}",
+                     pseudonym=name if outputs.key else None, key=outputs.key or b"")
+    return written
 
 
 def truth_on_grid(truth: CTVolume, grid) -> tuple[np.ndarray, str | None]:
@@ -78,24 +108,24 @@ def case_info(name: str, thick: CTVolume, cfg, res, consistency: dict, clipped: 
 
 
 def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models, cfg, out: Path, rows: list,
-             progress: bool = True, stage: Stages | None = None) -> dict:
+             progress: bool = True, stage: Stages | None = None, outputs: Outputs | None = None) -> dict:
     if models.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     stage = stage or Stages(progress)
     tiles = plan_tiles(thick, models, cfg) if truth is None and cfg.samples == 1 else None
     if tiles:
-        return run_tiled(name, thick, models, cfg, out, tiles, stage, t0, progress)
+        return run_tiled(name, thick, models, cfg, out, tiles, stage, t0, progress, outputs)
     res = interpolate(thick, models, cfg, progress, stage)
     lo, hi = hu_limits(thick)
     clipped = int(np.count_nonzero((res.output < lo) | (res.output > hi)))
     final = to_int16_hu(np.clip(res.output, lo, hi))
-    stage(f"write {out / (name + '.nii.gz')}")
-    save_nifti(out / f"{name}.nii.gz", final, res.grid.affine)
+    written = save_outputs(out, name, final, res.grid.affine, thick, outputs or Outputs(), stage)
     if res.std is not None:
         save_nifti(out / f"{name}_std.nii.gz", res.std.astype(np.float32), res.grid.affine)
     info = case_info(name, thick, cfg, res, consistency_residual(final.astype(np.float32), thick, res.grid), clipped,
                      (lo, hi))
+    info["outputs"] = [p.name for p in written]
     if models.device.type == "cuda":
         info["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if truth is not None:
@@ -106,8 +136,10 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
         z = scored_slices(res.grid.shape[2], res.grid.weights)
         lungs = lung_mask(truth_hu[..., z])
         linear = thick.sample_at(res.grid.affine, res.grid.shape, order=1)
-        methods = {"ours": res.mean, "linear": linear, "cubic": res.cubic,
-                   "ceiling": latent_ceiling(truth_hu, res, models)}
+        methods = {"ours": res.mean, "linear": linear, "cubic": res.cubic}
+        ceiling = latent_ceiling(truth_hu, res, models)  # None with --unet none
+        if ceiling is not None:
+            methods["ceiling"] = ceiling
         for method, vol in list(methods.items()):
             if method == "ours" and cfg.consistency:  # score what was written (consistent, rounded to int16)
                 methods["ours + consistency"] = final.astype(np.float32)
@@ -121,7 +153,7 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
             methods["ours without adaptation + consistency"] = enforce_slab_consistency(unadapted, thick.array,
                                                                                          res.grid.weights)
             names[2:2] = ["ours without adaptation", "ours without adaptation + consistency"]
-        for method in names:
+        for method in (m for m in names if m in methods):
             vol = methods[method]
             row = {"case": name, "method": method, **score(vol[..., z], truth_hu[..., z], lungs),
                    "consistency_mean_abs_hu": consistency_residual(vol, thick, res.grid)["mean_abs_hu"]}
@@ -138,15 +170,15 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
 
 
 def run_tiled(name: str, thick: CTVolume, models: Models, cfg, out: Path, tiles, stage: Stages, t0: float,
-              progress: bool) -> dict:
+              progress: bool, outputs: Outputs | None = None) -> dict:
     """A scan larger than the memory plan, without truth: interpolated tile by tile (evaluation.interpolation)."""
     lo, hi = hu_limits(thick)
     stage(f"{thick.shape[0]}x{thick.shape[1]}x{thick.shape[2]} is larger than --max-memory-gb {cfg.max_memory_gb:g} "
           f"allows at once: {len(tiles)} tiles of thick slices")
     res = interpolate_tiled(thick, models, cfg, tiles, (lo, hi), progress, stage)
-    stage(f"write {out / (name + '.nii.gz')}")
-    save_nifti(out / f"{name}.nii.gz", res.output, res.grid.affine)
-    info = {**case_info(name, thick, cfg, res, res.consistency, res.clipped, (lo, hi)), "tiles": res.tiles}
+    written = save_outputs(out, name, res.output, res.grid.affine, thick, outputs or Outputs(), stage)
+    info = {**case_info(name, thick, cfg, res, res.consistency, res.clipped, (lo, hi)), "tiles": res.tiles,
+            "outputs": [p.name for p in written]}
     info["seconds"]["case"] = round(time.perf_counter() - t0, 2)
     return info
 
@@ -158,10 +190,20 @@ def parse_args(argv=None):
     src.add_argument("--input", nargs="+", type=Path, help="thick scans: DICOM folders, DICOM ZIPs, NIfTI, NRRD, MHA")
     src.add_argument("--split", choices=["train", "val", "test"], help="every case of this split of --cache")
     p.add_argument("--cache", type=Path, help="prepared dataset (dataset/prepare.py --output), with --split")
-    p.add_argument("--output", required=True, type=Path, help="folder for the NIfTI outputs and the report")
+    p.add_argument("--output", required=True, type=Path, help="folder for the outputs and the report")
+    p.add_argument("--output-format", choices=["nifti", "dicom", "both"],
+                   help="OUT/<name>.nii.gz, OUT/<name>_dicom/ (a new series in the input's study: same patient and "
+                        "study, new series UID, DERIVED) or both; default both for a DICOM input, else nifti")
+    p.add_argument("--anonymize", action="store_true",
+                   help="name outputs by a keyed pseudonym of the input's name and make it the DICOM patient "
+                        "(no birth date or other patient attributes, new study UIDs)")
+    p.add_argument("--pseudonym-key", type=Path, metavar="FILE",
+                   help=f"secret for --anonymize (default OUT/{KEY_FILE}, made owner-only on first use): the same "
+                        "key gives the same pseudonyms; keep it, but do not pass it on with the outputs")
     p.add_argument("--config", type=Path, help="YAML whose `interpolate` section names weights and settings")
     p.add_argument("--autoencoder", type=Path, help="autoencoder checkpoint (default: the config's, else pretrained/)")
-    p.add_argument("--unet", type=Path, help="U-Net checkpoint (default: the config's, else pretrained/)")
+    p.add_argument("--unet", type=Path, help="U-Net checkpoint (default: the config's, else pretrained/); 'none': no "
+                                            "autoencoder or U-Net, only the per-scan adapter and the consistency step")
     p.add_argument("--spacing", type=float, help="output slice spacing in mm (default 1.0)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 1: the posterior-mean estimate, as good as 25 on held-out CT)")
     p.add_argument("--samples", type=int, help="samples to average; > 1 also writes a per-voxel std NIfTI")
@@ -203,6 +245,10 @@ def main(argv=None) -> int:
             [(d.name, d) for d in cases_in_split(args.cache, args.split)[: args.max_cases]]
         if not jobs:
             raise CaseError(f"no {args.split} cases in {args.cache}")
+        outputs = Outputs(args.output_format)
+        if args.anonymize:
+            outputs.key = key_from_file(args.pseudonym_key or args.output / KEY_FILE)
+            jobs = [(case_pseudonym(name, outputs.key), source) for name, source in jobs]
     except (ConfigError, FileNotFoundError, ValueError, CaseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -213,21 +259,21 @@ def main(argv=None) -> int:
     rows, infos, failed = [], [], 0
     for name, source in jobs:
         try:
-            stage(f"read {source}")
+            stage(f"read {name if args.anonymize else source}")
             if args.input:
                 thick, truth = read_thick(source), None
             else:
                 case = load_case(source)
                 thick, truth = case.thick, case.thin
             thick = check_ct(thick, "input", args.not_ct_ok, args.fill_nonfinite)
-            info = run_case(name, thick, truth, models, cfg, args.output, rows, progress, stage)
+            info = run_case(name, thick, truth, models, cfg, args.output, rows, progress, stage, outputs)
         except (CaseError, ValueError, OSError) as e:
             print(f"error: {name}: {e}", file=sys.stderr)
             failed += 1
             continue
         infos.append(info)
         r = info["consistency_residual"]
-        print(f"{name}: {info['output_shape']} at {cfg.spacing_mm:g} mm -> {args.output / (name + '.nii.gz')} "
+        print(f"{name}: {info['output_shape']} at {cfg.spacing_mm:g} mm -> {', '.join(str(args.output / o) for o in info['outputs'])} "
               f"({info['seconds']['case']:.1f} s, slab residual {r['mean_abs_hu']:.3f} HU mean, {r['max_abs_hu']:.2f} max, "
               f"{info['clipped_voxels']['count']} voxel(s) clipped to {info['clipped_voxels']['range_hu']} HU)")
     if infos:
@@ -248,9 +294,10 @@ def main(argv=None) -> int:
         if "ours + consistency" in psnr:
             print(f"ours + consistency vs cubic: {psnr['ours + consistency'] - psnr['cubic']:+.2f} dB PSNR on "
                   f"[-1024, 2048] HU; vs cubic + consistency (the same projection, no network): "
-                  f"{psnr['ours + consistency'] - psnr['cubic + consistency']:+.2f} dB; autoencoder ceiling "
-                  f"(true latent) + consistency vs cubic + consistency: "
-                  f"{psnr['ceiling + consistency'] - psnr['cubic + consistency']:+.2f} dB")
+                  f"{psnr['ours + consistency'] - psnr['cubic + consistency']:+.2f} dB" +
+                  (f"; autoencoder ceiling (true latent) + consistency vs cubic + consistency: "
+                   f"{psnr['ceiling + consistency'] - psnr['cubic + consistency']:+.2f} dB"
+                   if "ceiling + consistency" in psnr else ""))
         if "ours without adaptation + consistency" in psnr:
             print(f"adaptation: {psnr['ours + consistency'] - psnr['ours without adaptation + consistency']:+.2f} dB "
                   f"over the same run without it")

@@ -35,6 +35,7 @@ from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapt
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import InterpolateConfig
 from thinslice.precision import Precision, choose
+from thinslice.weights import find_weights
 
 
 @dataclass
@@ -52,10 +53,15 @@ def output_grid(thick: CTVolume, spacing: float) -> ThinGrid:
     return ThinGrid(affine, thick.shape[:2] + (n,), spacing, grid_slab_weights(n, spacing, thick))
 
 
+NO_UNET = "none"  # --unet none: the per-scan adapter and the consistency step only, no latent model
+
+
 @dataclass
 class Models:
-    autoencoder: PatchVolumeAutoencoder
-    unet: torch.nn.Module
+    """The latent model; `unet` and `autoencoder` are None for --unet none (cubic + adapter + consistency)."""
+
+    autoencoder: PatchVolumeAutoencoder | None
+    unet: torch.nn.Module | None
     space: object
     diffusion: object
     window: tuple[float, float]  # HU window of the autoencoder
@@ -73,10 +79,10 @@ class Models:
 
     @classmethod
     def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None) -> "Models":
-        for what, path in (("autoencoder", autoencoder), ("U-Net", unet)):
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{what} checkpoint not found: {path} (train one, or put the shipped weights "
-                                        f"in pretrained/, see pretrained/README.md)")
+        if str(unet) == NO_UNET:
+            return cls(None, None, None, None, None, None, torch.device(device), policy)
+        autoencoder = find_weights(autoencoder, "autoencoder checkpoint")
+        unet = find_weights(unet, "U-Net checkpoint")
         ae, ae_state = load_autoencoder(autoencoder, device)
         net, space, cfg, state = load_unet(unet, device)
         expected, actual = state.get("ae_fingerprint"), file_fingerprint(autoencoder)
@@ -116,6 +122,8 @@ OUTPUT_ARRAYS = 12
 def decode_halo(models: "Models", cfg: InterpolateConfig) -> int:
     """Latent context per side of a decoded chunk: the interpolation's (6: within 1 HU of unchunked decoding
     on the shipped autoencoder, benchmarks/decode_halo.py) unless the autoencoder's own is smaller."""
+    if models.autoencoder is None:
+        return 0
     own = models.autoencoder.cfg.decode_halo
     return own if cfg.decode_halo is None else min(own, cfg.decode_halo)
 
@@ -171,6 +179,8 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     grid = output_grid(thick, cfg.spacing_mm)
     stage(f"resample {thick.shape[0]}x{thick.shape[1]}x{thick.shape[2]} -> {'x'.join(map(str, grid.shape))} (cubic)")
     cubic = thick.sample_at(grid.affine, grid.shape, order=3)
+    if models.unet is None:
+        return adapted_only(thick, grid, cubic, models, cfg, progress, stage, adapter, adapt, t0)
     stage("encode the condition (autoencoder, patch-wise)")
     cond = encode_hu(models, cubic, progress)
     t_enc = time.perf_counter()
@@ -187,26 +197,7 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         extra = space_to_depth(unit, models.autoencoder.compression, cond.shape[2:])
         del unit
 
-    adaptation, adapt_info = None, None
-    fitted_here = adapter is None
-    if not fitted_here:
-        adapt = cfg.adapt_steps > 0
-    if adapt:
-        if fitted_here:
-            stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs)")
-            adapter = fit_adapter(thick, models, cfg, progress)
-        net, adapt_info = adapter[0], dict(adapter[1])
-        if not fitted_here:  # its fitting time is counted once, by whoever fitted it
-            adapt_info["seconds"] = 0.0
-        t_ref = time.perf_counter()
-        if adapt_info["use"]:
-            stage("refine coronal and sagittal planes with the adapted network")
-            adaptation = refine(net, cubic, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - cubic
-        else:
-            adaptation = np.zeros_like(cubic)
-            print(f"adaptation not used: on held-out in-plane pairs of this scan it gave L1 "
-                  f"{adapt_info['check_l1_hu_adapted']:.1f} HU against cubic's {adapt_info['check_l1_hu_cubic']:.1f}")
-        adapt_info["refine_seconds"] = round(time.perf_counter() - t_ref, 2)
+    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt)
     base = cubic if adaptation is None else cubic + adaptation
     if cfg.decode == "residual":
         stage("decode the condition (residual decoding subtracts it)")
@@ -244,9 +235,55 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     return Interpolation(grid, cubic, mean, std, output, offset, seconds, adaptation, adapt_info)
 
 
+def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: InterpolateConfig, progress: bool,
+                stage: Stages, adapter: tuple | None, adapt: bool) -> tuple[np.ndarray | None, dict | None]:
+    """What the per-scan adapter adds to cubic (None when off), fitted here unless `adapter` was given."""
+    fitted_here = adapter is None
+    if not fitted_here:
+        adapt = cfg.adapt_steps > 0
+    if not adapt:
+        return None, None
+    if fitted_here:
+        stage(f"adapt to this scan ({cfg.adapt_steps} steps on its own in-plane pairs)")
+        adapter = fit_adapter(thick, models, cfg, progress)
+    net, adapt_info = adapter[0], dict(adapter[1])
+    if not fitted_here:  # its fitting time is counted once, by whoever fitted it
+        adapt_info["seconds"] = 0.0
+    t_ref = time.perf_counter()
+    if adapt_info["use"]:
+        stage("refine coronal and sagittal planes with the adapted network")
+        adaptation = refine(net, cubic, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - cubic
+    else:
+        adaptation = np.zeros_like(cubic)
+        print(f"adaptation not used: on held-out in-plane pairs of this scan it gave L1 "
+              f"{adapt_info['check_l1_hu_adapted']:.1f} HU against cubic's {adapt_info['check_l1_hu_cubic']:.1f}")
+    adapt_info["refine_seconds"] = round(time.perf_counter() - t_ref, 2)
+    return adaptation, adapt_info
+
+
+def adapted_only(thick: CTVolume, grid: ThinGrid, cubic: np.ndarray, models: Models, cfg: InterpolateConfig,
+                 progress: bool, stage: Stages, adapter: tuple | None, adapt: bool, t0: float) -> Interpolation:
+    """--unet none: cubic + the per-scan adapter, then the consistency step; no autoencoder, no U-Net."""
+    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt)
+    mean = cubic if adaptation is None else (cubic + adaptation).astype(np.float32)
+    t_mid = time.perf_counter()
+    if cfg.consistency:
+        stage("slab consistency")
+    output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
+    t_end = time.perf_counter()
+    seconds = {"consistency": t_end - t_mid, "total": t_end - t0}
+    if adapt_info:
+        seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
+    return Interpolation(grid, cubic, mean, None, output, 0.0, seconds, adaptation, adapt_info)
+
+
 def fit_adapter(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> tuple:
     settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
     return train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
+
+
+# thin slices the adapter's 2D CNN sees on each side (8 layers of 3x3 convolutions)
+ADAPTER_REACH = AdaptSettings().layers
 
 
 # bytes per output voxel of one tile: the output-sized float32 arrays alive at the peak (OUTPUT_ARRAYS)
@@ -274,7 +311,9 @@ def plan_tiles(thick: CTVolume, models: Models, cfg: InterpolateConfig) -> list[
     n = thick.shape[2]
     if cfg.tile_slices is None and n * per_thick_slice <= budget:
         return None
-    halo_mm = decode_halo(models, cfg) * models.autoencoder.compression[2] * cfg.spacing_mm
+    halo_mm = 0.0 if models.autoencoder is None else \
+        decode_halo(models, cfg) * models.autoencoder.compression[2] * cfg.spacing_mm
+    halo_mm = max(halo_mm, ADAPTER_REACH * cfg.spacing_mm) if cfg.adapt_steps else halo_mm
     halo = int(np.ceil(halo_mm / thick.slice_spacing)) + 1
     keep = cfg.tile_slices or int(budget // per_thick_slice) - 2 * halo
     if keep >= n:
@@ -357,5 +396,7 @@ def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> 
     Scored next to ours, it tells whether the autoencoder or the U-Net limits the result: when this
     is no better than cubic, no amount of U-Net training can beat cubic with this autoencoder.
     """
+    if models.autoencoder is None:
+        return None
     offset = res.offset if res.adaptation is None else res.offset - res.adaptation  # relative to cubic
     return (decode_hu(models, encode_hu(models, truth_hu), res.grid.shape) + offset).astype(np.float32)
