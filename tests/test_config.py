@@ -35,3 +35,22 @@ def test_shipped_configs_validate():
     for path in sorted((Path(__file__).parents[1] / "config").glob("*.yaml")):
         load_config(path)
         assert yaml.safe_load(path.read_text())
+
+
+def test_python_m_thinslice_config_prints_the_resolved_config_as_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "config" / "unet_cpu_pairs.yaml"
+    out = subprocess.run([sys.executable, "-m", "thinslice.config", str(shipped)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert printed == load_config(shipped).model_dump(mode="json")
+    assert printed["unet_train"]["final_step_fraction"] == yaml.safe_load(shipped.read_text())["unet_train"]["final_step_fraction"]
+    assert printed["interpolate"]["adapt_steps"] == 600  # a default the file does not set, filled in
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet:\n  cond_imag: true\n")
+    out = subprocess.run([sys.executable, "-m", "thinslice.config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "unet.cond_imag: unknown key" in out.stderr and out.stdout == ""

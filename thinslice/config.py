@@ -352,3 +352,34 @@ def load_config(path: str | Path | None) -> Config:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return parse_config(raw, str(path))
+
+
+def _print_resolved(argv: list[str]) -> int:
+    """`python -m thinslice.config FILE`: what a run with FILE will use, every default filled in, as JSON."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m thinslice.config",
+                                description="Print a config file resolved and validated, as JSON (defaults filled in).")
+    p.add_argument("config", nargs="?", type=Path, help="YAML file (none: the defaults)")
+    p.add_argument("--section", help="print only this section (data, autoencoder, loss, ae_train, latents, unet, "
+                                     "diffusion, unet_train, interpolate)")
+    args = p.parse_args(argv)
+    try:
+        resolved = load_config(args.config).model_dump(mode="json")
+        if args.section:
+            if args.section not in resolved:
+                raise ConfigError(f"no section {args.section!r}; sections: {', '.join(resolved)}")
+            resolved = resolved[args.section]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(resolved, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_print_resolved(sys.argv[1:]))
