@@ -3,8 +3,8 @@
   python benchmarks/adapt_sweep.py THIN.nii.gz --steps 200 600 2000 [--crop X0 X1 Y0 Y1 Z0 Z1]
 
 Prints PSNR (on [-1024, 2048] HU and the lung window) of cubic, cubic + consistency and the adapted
-cubic with and without consistency, the first and last slab excluded, as README's adaptation table.
-The latent model is left out: it adds nothing measurable with the shipped weights (see README).
+cubic with and without consistency, the first and last slab excluded, as the adaptation table of
+docs/experiments.md (figures in docs/results/adapt_sweep.json). The latent model is left out.
 """
 from __future__ import annotations
 

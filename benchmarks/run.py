@@ -1,4 +1,4 @@
-"""Speed and memory of every heavy step, written as JSON: the figures behind README's benchmark table.
+"""Speed and memory of every heavy step, written as JSON: the figures behind docs/benchmarks.md.
 
   python benchmarks/run.py --out benchmarks/results/cpu.json              # 2-core CPU: CPU configs, 256x256x150
   python benchmarks/run.py --device cuda --out benchmarks/results/h100.json   # adds 512x512x300, MFU, compile
