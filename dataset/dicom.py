@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from dataset.errors import CaseError
 from dataset.volume import CTVolume, plane_of
+from thinslice.atomic import PARTIAL
 
 _GAP_FACTOR = 1.5  # a step this many times the median spacing means slices are missing
 _ORIENT_TOL = 1e-3
@@ -25,6 +26,11 @@ _ORIENT_TOL = 1e-3
 
 def is_dicom_file(path: Path) -> bool:
     return path.is_file() and pydicom.misc.is_dicom(path)
+
+
+def is_partial(path: Path, root: Path) -> bool:
+    """Inside a temporary a killed writer left (thinslice.atomic): half a series, never a case."""
+    return any(part.startswith(PARTIAL) for part in path.relative_to(root).parts)
 
 
 @dataclass
@@ -54,8 +60,10 @@ class DicomSeries:
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1][:200]
             raise CaseError(f"series {self.name}: cannot decode pixel data ({msg})") from None
+        header = pydicom.dcmread(self.files[0], stop_before_pixels=True)  # for a DICOM output in the same study
         return CTVolume.from_sitk(image, slice_thickness=self.thickness,
-                        info={"series": self.name, "description": self.description, "format": "dicom"})
+                        info={"series": self.name, "description": self.description, "format": "dicom",
+                              "dicom_header": header})
 
 
 def _header(path: Path):
@@ -90,7 +98,7 @@ def scan_series(root: Path, label: str) -> list[DicomSeries]:
 
     groups: dict[tuple[str, str], list[tuple[Path, object]]] = defaultdict(list)
     broken: dict[str, list[str]] = defaultdict(list)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not is_partial(p, root)):
         if not pydicom.misc.is_dicom(path):
             continue  # exports often carry README/XML files next to the slices
         folder = folder_of(path)

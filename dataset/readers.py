@@ -19,9 +19,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from dataset.dicom import DicomSeries, is_dicom_file, scan_series
+from dataset.dicom import DicomSeries, is_dicom_file, is_partial, scan_series
 from dataset.errors import CaseError
 from dataset.volume import CTVolume, compact_hu, plane_of
+from thinslice.atomic import PARTIAL
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SOURCE_SUFFIXES = VOLUME_SUFFIXES + (".zip",)  # what a case or an input file may end with
@@ -122,7 +123,7 @@ def safe_extract_zip(archive: Path, dest: Path) -> None:
 def _series_in_folder(folder: Path, label: str) -> list[Series]:
     series: list[Series] = list(scan_series(folder, label))
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and volume_suffix(p):
+        if p.is_file() and volume_suffix(p) and not is_partial(p, folder):
             series.append(FileSeries(p, name=str(p.relative_to(folder))))
     return series
 
@@ -179,8 +180,8 @@ def discover_sources(root: Path) -> list[Path]:
     sources: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames.sort()
-        files = [here / f for f in sorted(filenames)]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(PARTIAL))  # a killed writer's leftovers
+        files = [here / f for f in sorted(filenames) if not f.startswith(PARTIAL)]
         if any(is_dicom_file(f) for f in files[:20]) or (here != root and _is_multi_series_case(here, dirnames)):
             sources.append(here)
             dirnames[:] = []

@@ -23,7 +23,12 @@ def dataset_key(cache: Path) -> bytes:
     """The cache's secret for pseudonyms: 32 random bytes made on first use, kept only in the cache
     (never in latents, checkpoints, logs or reports). Keep it to keep pseudonyms and splits stable;
     a cache prepared with a new key gets new pseudonyms, hence new splits."""
-    path = Path(cache) / KEY_FILE
+    return key_from_file(Path(cache) / KEY_FILE)
+
+
+def key_from_file(path: Path) -> bytes:
+    """The secret in `path`, made there (owner-only, 0600) on first use."""
+    path = Path(path)
     if not path.exists():
         with atomic_path(path, mode=0o600) as tmp:
             tmp.write_text(secrets.token_hex(32) + "\n")

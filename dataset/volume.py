@@ -16,7 +16,9 @@ class CTVolume:
     array: np.ndarray  # (x, y, z), HU
     affine: np.ndarray  # 4x4 voxel -> RAS mm
     slice_thickness: float | None = None  # mm; DICOM SliceThickness when known, else the spacing
-    info: dict = field(default_factory=dict)  # non-identifying provenance (series description, ...)
+    # provenance (series description, ...); a DICOM input's first header ("dicom_header") stays in memory, for
+    # dataset.dicom_write, which copies only whitelisted attributes from it
+    info: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.affine = np.asarray(self.affine, dtype=np.float64)

@@ -273,7 +273,8 @@ def main(argv=None) -> int:
             continue
         infos.append(info)
         r = info["consistency_residual"]
-        print(f"{name}: {info['output_shape']} at {cfg.spacing_mm:g} mm -> {', '.join(str(args.output / o) for o in info['outputs'])} "
+        written = ", ".join(str(args.output / o) for o in info["outputs"])
+        print(f"{name}: {info['output_shape']} at {cfg.spacing_mm:g} mm -> {written} "
               f"({info['seconds']['case']:.1f} s, slab residual {r['mean_abs_hu']:.3f} HU mean, {r['max_abs_hu']:.2f} max, "
               f"{info['clipped_voxels']['count']} voxel(s) clipped to {info['clipped_voxels']['range_hu']} HU)")
     if infos:
