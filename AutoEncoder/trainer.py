@@ -230,10 +230,12 @@ class AutoencoderTask:
         return f"val PSNR {m['psnr']:.2f} dB, lung {m['psnr_lung']:.2f} dB, SSIM {m['ssim']:.4f}"
 
 
-def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None) -> dict:
+def train(cfg: Config, cache: Path, out_dir: Path, stop_after: int | None = None,
+          time_budget: float | None = None) -> dict:
     ctx = init_distributed()
     task = AutoencoderTask(cfg, ctx, cache)
-    return loop.run(task, ctx, task.cfg, cfg.ae_train, out_dir, stop_after, has_val=bool(task.val_dirs))
+    return loop.run(task, ctx, task.cfg, cfg.ae_train, out_dir, stop_after, has_val=bool(task.val_dirs),
+                    time_budget=time_budget)
 
 
 def parse_args(argv=None):
@@ -250,7 +252,7 @@ def main(argv=None) -> int:
     try:
         cfg = with_overrides(load_config(args.config), "ae_train", max_steps=args.max_steps,
                              init_from=args.init_from and str(args.init_from))
-        train(cfg, args.cache, args.output, stop_after=args.stop_after)
+        train(cfg, args.cache, args.output, stop_after=args.stop_after, time_budget=args.time_budget)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -225,10 +225,11 @@ class UNetTask:
 
 
 def train(cfg: Config, latents: Path, out_dir: Path, cache: Path | None = None, autoencoder: Path | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, time_budget: float | None = None) -> dict:
     ctx = init_distributed()
     task = UNetTask(cfg, ctx, latents, cache, autoencoder)
-    return loop.run(task, ctx, cfg, cfg.unet_train, out_dir, stop_after, has_val=bool(task.vcrops))
+    return loop.run(task, ctx, cfg, cfg.unet_train, out_dir, stop_after, has_val=bool(task.vcrops),
+                    time_budget=time_budget)
 
 
 def parse_args(argv=None):
@@ -248,7 +249,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = with_overrides(load_config(args.config), "unet_train", max_steps=args.max_steps)
-        train(cfg, args.latents, args.output, args.cache, args.autoencoder, stop_after=args.stop_after)
+        train(cfg, args.latents, args.output, args.cache, args.autoencoder, stop_after=args.stop_after,
+              time_budget=args.time_budget)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

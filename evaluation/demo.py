@@ -2,6 +2,8 @@
 
   python -m evaluation.demo                 prepare -> autoencoder stage 1 and 2 -> latents -> U-Net ->
                                            interpolate the held-out chest -> report (~10 min, 2-core CPU)
+  python -m evaluation.demo --train-minutes 7    the three trainings share 7 minutes (the default), so the
+                                           demo takes about as long on any CPU; the steps reached are printed
   python -m evaluation.demo --pretrained    prepare -> interpolate with pretrained/ weights -> report
 
 Every step is the project's own command line, printed before it runs, so the demo doubles as a
@@ -35,6 +37,31 @@ def run_step(name: str, script: str, args: list, timings: dict) -> None:
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise StepFailed(f"step '{name}' failed (its error is printed above); rerun the demo to resume")
     timings[name] = round(time.perf_counter() - t0, 1)
+
+
+# the per-scan adapter's steps in the demo: a quarter of the default 600, which alone takes about 4 min on a 2-core
+# AVX2-only CPU in fp32 (a quarter of the demo's 15 min); the shipped default is what users run
+DEMO_ADAPT_STEPS = 150
+# shares of --train-minutes: stage 1 learns the codec, stage 2 only sharpens its decoder, the U-Net learns the task
+TRAIN_SHARES = {"ae_stage1": 0.4, "ae_stage2": 0.15, "unet": 0.45}
+
+
+def trained(run: Path) -> dict | None:
+    """result.json of a training an earlier demo run finished (by its steps or its time budget): not trained again."""
+    result = run / "result.json"
+    return json.loads(result.read_text()) if result.exists() else None
+
+
+def train_step(name: str, script: str, args: list, run: Path, minutes: float | None, timings: dict,
+               steps: dict) -> None:
+    done = trained(run)
+    if done is None:
+        run_step(name, script, [*args, "--output", run, *(["--time-budget", f"{minutes:.2f}"] if minutes else [])],
+                 timings)
+        done = trained(run) or {}
+    else:
+        print(f"\n=== {name}: done in an earlier demo run ({run / 'result.json'})", flush=True)
+    steps[run.name] = {"step": done.get("step"), "max_steps": done.get("max_steps"), "stopped": done.get("stopped")}
 
 
 def final_checkpoint(run: Path) -> Path:
@@ -81,16 +108,37 @@ Outputs ({minutes:.1f} min)
         print(f"  training curves and images:               tensorboard --logdir {out / 'runs'}")
 
 
+def machine() -> dict:
+    """What the demo's time depends on: the CPU, its precision policy, the threads."""
+    import platform
+
+    import torch
+
+    from thinslice.precision import choose
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "precision": str(choose(torch.device("cpu"))),
+            "torch": torch.__version__}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=ROOT / "outputs" / "demo", help="demo folder (default outputs/demo)")
     p.add_argument("--pretrained", action="store_true", help="skip training; interpolate with pretrained/ weights")
     p.add_argument("--smoke", action="store_true", help="2 steps of each training and sampling: checks the install")
+    p.add_argument("--train-minutes", type=float, default=7.0,
+                   help="wall-clock minutes the three trainings share (default 7; 0: no budget, train every configured "
+                        "step); each stops at its share, saves and goes on with what it has")
     args = p.parse_args(argv)
     out, cfg = args.output.resolve(), ROOT / "config"
     cache, latents, runs, report = out / "cache", out / "latents", out / "runs", out / "interpolated"
     short = ["--max-steps", 2] if args.smoke else []
+    budget = {k: v * args.train_minutes for k, v in TRAIN_SHARES.items()} if args.train_minutes and not args.smoke \
+        else dict.fromkeys(TRAIN_SHARES)
     timings: dict = {}
+    steps: dict = {}
     t0 = time.perf_counter()
     try:
         run_step("prepare the bundled CT", "dataset/prepare.py",
@@ -101,28 +149,33 @@ def main(argv=None) -> int:
             if missing:
                 raise StepFailed(f"--pretrained needs {' and '.join(missing)} (see pretrained/README.md)")
         else:
-            run_step("autoencoder stage 1 (patches)", "train/train_autoencoder.py",
-                     ["--config", cfg / "demo_autoencoder_stage1.yaml", "--cache", cache,
-                      "--output", runs / "ae_stage1", *short], timings)
-            run_step("autoencoder stage 2 (decoder on whole crops)", "train/train_autoencoder.py",
-                     ["--config", cfg / "demo_autoencoder_stage2.yaml", "--cache", cache, "--output", runs / "ae_stage2",
-                      "--init-from", final_checkpoint(runs / "ae_stage1"), *short], timings)
+            train_step("autoencoder stage 1 (patches)", "train/train_autoencoder.py",
+                       ["--config", cfg / "demo_autoencoder_stage1.yaml", "--cache", cache, *short],
+                       runs / "ae_stage1", budget["ae_stage1"], timings, steps)
+            train_step("autoencoder stage 2 (decoder on whole crops)", "train/train_autoencoder.py",
+                       ["--config", cfg / "demo_autoencoder_stage2.yaml", "--cache", cache,
+                        "--init-from", final_checkpoint(runs / "ae_stage1"), *short],
+                       runs / "ae_stage2", budget["ae_stage2"], timings, steps)
             ae = final_checkpoint(runs / "ae_stage2")
             run_step("latents", "train/generate_training_latent.py",
                      # one pair per case: the demo U-Net's 128x128x32 crops are larger than the extra pair crops
                      ["--cache", cache, "--checkpoint", ae, "--output", latents, "--splits", "train", "--no-pairs"], timings)
-            run_step("latent U-Net", "train/train_unet_latent.py",
-                     ["--config", cfg / "demo_unet.yaml", "--latents", latents, "--output", runs / "unet", *short], timings)
+            train_step("latent U-Net", "train/train_unet_latent.py",
+                       ["--config", cfg / "demo_unet.yaml", "--latents", latents, *short],
+                       runs / "unet", budget["unet"], timings, steps)
             unet = final_checkpoint(runs / "unet")
         run_step("interpolate the held-out chest and score it", "evaluation/interpolate.py",
                  ["--split", "test", "--cache", cache, "--output", report, "--autoencoder", ae, "--unet", unet,
-                  *(["--steps", 2, "--adapt", 2] if args.smoke else [])], timings)
+                  *(["--steps", 2, "--adapt", 2] if args.smoke else ["--adapt", DEMO_ADAPT_STEPS])], timings)
     except StepFailed as e:
         print(f"\ndemo stopped: {e}", file=sys.stderr)
         return 1
     minutes = (time.perf_counter() - t0) / 60
     write_json(out / "demo.json", {"pretrained": args.pretrained, "smoke": args.smoke, "seconds": timings,
-                                   "autoencoder": str(ae), "unet": str(unet)})
+                                   "minutes": round(minutes, 2), "train_minutes": args.train_minutes,
+                                   "steps": steps, "machine": machine(), "autoencoder": str(ae), "unet": str(unet)})
+    for run, s in steps.items():
+        print(f"{run}: {s['step']} of {s['max_steps']} steps" + (f" (stopped {s['stopped']})" if s["stopped"] else ""))
     explain(report, out, args.pretrained, minutes)
     return 0
 

@@ -65,6 +65,13 @@ def test_resume_reproduces_the_uninterrupted_run(latents, tmp_path):
     assert train_main(args + ["--output", str(resumed)]) == 0
     assert losses(resumed) == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
     assert len(losses(resumed)) == 6
+    budget = tmp_path / "budget"  # --time-budget 0: spent after the first step; saved there, and resumable
+    assert train_main(args + ["--output", str(budget), "--time-budget", "0"]) == 0
+    first = json.loads((budget / "result.json").read_text())
+    assert first["step"] == 1 and "--time-budget" in first["stopped"] and first["max_steps"] == 6
+    assert train_main(args + ["--output", str(budget)]) == 0
+    assert losses(budget) == pytest.approx(losses(tmp_path / "straight"), rel=1e-5)
+    assert json.loads((budget / "result.json").read_text())["stopped"] is None
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000006.pt")
     b = load_checkpoint(resumed / "checkpoints" / "step_00000006.pt")
     for part in ("model", "ema"):

@@ -54,7 +54,7 @@ class Task(Protocol):
 
 
 def run(task: Task, ctx: DistContext, cfg, loop, out_dir: Path, stop_after: int | None = None,
-        has_val: bool = True) -> dict:
+        has_val: bool = True, time_budget: float | None = None) -> dict:
     """`cfg`: the whole validated config (config.json); `loop`: its trainer section (max_steps, log_every,
     val_every, checkpoint_every, keep_last)."""
     out_dir = Path(out_dir)
@@ -89,7 +89,8 @@ def run(task: Task, ctx: DistContext, cfg, loop, out_dir: Path, stop_after: int 
 
     first_step, stop, losses = step, StopFlag(), []
     bar = tqdm(total=loop.max_steps, initial=step, disable=not ctx.is_main, unit="step", dynamic_ncols=True)
-    t_last, steps_since = time.time(), 0
+    t_last, steps_since, t_start = time.time(), 0, time.perf_counter()
+    why = None
     while step < loop.max_steps:
         logs = task.train_step()
         step += 1
@@ -125,7 +126,8 @@ def run(task: Task, ctx: DistContext, cfg, loop, out_dir: Path, stop_after: int 
                 best = metrics["psnr"]
                 if ctx.is_main:
                     ckpts.save_as("best.pt", {"step": step, "val": metrics, **task.best_state()})
-        why = halt_reason(ctx, stop.stop, stop_after, step - first_step)
+        why = halt_reason(ctx, stop.stop, stop_after, step - first_step, (time.perf_counter() - t_start) / 60,
+                          time_budget)
         if step % loop.checkpoint_every == 0 or step == loop.max_steps or why:
             save()
         if why:
@@ -133,4 +135,5 @@ def run(task: Task, ctx: DistContext, cfg, loop, out_dir: Path, stop_after: int 
                 tqdm.write(f"stopped {why} at step {step}; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
-    return finish_run(ctx, task.model, writer, out_dir, {"step": step, "best_psnr": best, "last_losses": losses[-5:]})
+    return finish_run(ctx, task.model, writer, out_dir, {"step": step, "max_steps": loop.max_steps, "stopped": why,
+                                                         "best_psnr": best, "last_losses": losses[-5:]})

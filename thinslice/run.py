@@ -22,6 +22,9 @@ def add_run_arguments(p: argparse.ArgumentParser, section: str) -> None:
     p.add_argument("--max-steps", type=int, default=None, help=f"override {section}.max_steps")
     p.add_argument("--stop-after", type=int, default=None,
                    help="save and stop after this many steps of this invocation (time-boxed jobs); rerun to resume")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="save and stop once this invocation has trained this long (a demo sized to the machine, a "
+                        "job's wall-clock slot); the schedule stays the one of max_steps; rerun to resume")
 
 
 def with_overrides(cfg: Config, section: str, **values) -> Config:
@@ -53,12 +56,18 @@ def trim_history(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def halt_reason(ctx: DistContext, signalled: bool, stop_after: int | None, steps_done: int) -> str | None:
-    """Why every rank stops now (a signal on any rank, or --stop-after), or None to go on."""
-    if ctx.all_reduce_max(float(signalled)) > 0:
+def halt_reason(ctx: DistContext, signalled: bool, stop_after: int | None, steps_done: int,
+                minutes: float = 0.0, time_budget: float | None = None) -> str | None:
+    """Why every rank stops now (a signal on any rank, --stop-after, or --time-budget spent on any rank), or None
+    to go on. Ranks agree through one all-reduce, so none waits in a collective another has left."""
+    over_time = time_budget is not None and minutes >= time_budget
+    flag = ctx.all_reduce_max(2.0 * float(signalled) + float(over_time))
+    if flag >= 2:
         return "by signal"
     if stop_after is not None and steps_done >= stop_after:
         return f"after {stop_after} steps (--stop-after)"
+    if flag >= 1:
+        return f"after {time_budget:g} min (--time-budget)"
     return None
 
 
