@@ -94,3 +94,18 @@ def test_installed_interpolate_runs_outside_the_checkout_with_the_shipped_weight
     out = nib.load(tmp_path / "out" / "scan.nii.gz")
     assert out.shape == (64, 64, 30)
     np.testing.assert_allclose(out.header.get_zooms(), list(thick.spacing[:2]) + [1.0], rtol=1e-5)
+
+
+def test_cli_unet_none_scores_a_split_without_the_latent_rows(bundled_cache, tmp_path):
+    """With the adapter off too, --unet none writes cubic + consistency (rounded to int16 HU): the report says so."""
+    import json
+
+    from evaluation.interpolate_cli import main
+
+    out = tmp_path / "out"
+    assert main(["--split", "test", "--cache", str(bundled_cache), "--output", str(out), "--unet", "none",
+                 "--adapt", "0", "--quiet"]) == 0
+    methods = json.loads((out / "summary.json").read_text())["methods"]
+    assert not [m for m in methods if "ceiling" in m or "without adaptation" in m]
+    assert abs(methods["ours + consistency"]["psnr"] - methods["cubic + consistency"]["psnr"]) < 0.02
+    assert methods["cubic + consistency"]["psnr"] > methods["cubic"]["psnr"]
