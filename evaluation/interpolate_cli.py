@@ -78,6 +78,9 @@ def save_outputs(out: Path, name: str, array: np.ndarray, affine: np.ndarray, th
     return written
 
 
+ADAPTER_ONLY = "adapter only"  # the report's name of cubic + the per-scan adapter (--unet none's output)
+
+
 def truth_on_grid(truth: CTVolume, grid) -> tuple[np.ndarray, str | None]:
     """The truth at the output grid's voxels: a crop when the grids coincide, else linear resampling."""
     m = np.linalg.inv(truth.affine) @ grid.affine
@@ -147,12 +150,15 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
                 methods[f"{method} + consistency"] = enforce_slab_consistency(vol, thick.array, res.grid.weights)
         names = ["ours", "ours + consistency", "linear", "linear + consistency", "cubic", "cubic + consistency",
                  "ceiling", "ceiling + consistency"]
-        if res.adaptation is not None:  # the same sample without the per-scan adaptation (residual decoding is additive)
-            unadapted = res.mean - res.adaptation
-            methods["ours without adaptation"] = unadapted
-            methods["ours without adaptation + consistency"] = enforce_slab_consistency(unadapted, thick.array,
-                                                                                         res.grid.weights)
-            names[2:2] = ["ours without adaptation", "ours without adaptation + consistency"]
+        if res.adaptation is not None and models.unet is not None:
+            # the ablation of one run (residual decoding is additive): the same sample on plain cubic (the U-Net
+            # alone, what --adapt 0 writes) and the adapter alone (what --unet none writes: the same seeded fit)
+            for method, vol in (("ours without adaptation", res.mean - res.adaptation),
+                                (ADAPTER_ONLY, res.cubic + res.adaptation)):
+                methods[method] = vol
+                methods[f"{method} + consistency"] = enforce_slab_consistency(vol, thick.array, res.grid.weights)
+            names[2:2] = ["ours without adaptation", "ours without adaptation + consistency", ADAPTER_ONLY,
+                          f"{ADAPTER_ONLY} + consistency"]
         for method in (m for m in names if m in methods):
             vol = methods[method]
             row = {"case": name, "method": method, **score(vol[..., z], truth_hu[..., z], lungs),
@@ -288,7 +294,9 @@ def main(argv=None) -> int:
                  "beat cubic, the autoencoder, not the U-Net, limits the result."]
         if any(i.get("adaptation") for i in infos):
             notes.append(f"'ours' includes per-scan adaptation ({cfg.adapt_steps} steps on the input's own in-plane "
-                         "pairs); 'ours without adaptation' is the same sample on plain cubic.")
+                         "pairs); 'ours without adaptation' is the same sample on plain cubic (the U-Net alone, as "
+                         "--adapt 0 writes it); 'adapter only' is cubic + the adapter without the U-Net (as --unet none "
+                         "writes it).")
         summary = write_metrics(args.output, rows, notes)
         print((args.output / "report.md").read_text())
         psnr = {m: v["psnr"] for m, v in summary["methods"].items()}
@@ -302,5 +310,8 @@ def main(argv=None) -> int:
         if "ours without adaptation + consistency" in psnr:
             print(f"adaptation: {psnr['ours + consistency'] - psnr['ours without adaptation + consistency']:+.2f} dB "
                   f"over the same run without it")
+        if f"{ADAPTER_ONLY} + consistency" in psnr:
+            print(f"latent U-Net: {psnr['ours + consistency'] - psnr[ADAPTER_ONLY + ' + consistency']:+.2f} dB over the "
+                  f"adapter alone (--unet none)")
     print(f"outputs in {args.output}" + (f"; {failed} input(s) failed" if failed else ""))
     return 2 if failed else 0
