@@ -13,7 +13,7 @@ import pytest
 from dataset.checks import check_ct
 from dataset.errors import CaseError
 from dataset.volume import CTVolume
-from thinslice.atomic import PARTIAL, remove_partials
+from thinslice.atomic import PARTIAL
 from evaluation.interpolate_cli import main
 
 from conftest import THICK
@@ -100,21 +100,35 @@ for i in range(1000):
 """
 
 
-def test_a_killed_writer_leaves_only_complete_files_after_a_rerun(tmp_path):
+@pytest.mark.slow
+def test_a_rerun_of_the_command_removes_what_a_killed_writer_left_and_completes(weights, tmp_path, capsys):
+    """SIGKILL during a write leaves a .partial- file next to the complete ones; rerunning the command on that
+    folder must remove it itself (nothing else calls remove_partials here) and write a complete output."""
     out = tmp_path / "out"
     out.mkdir()
     rng = np.random.default_rng(1)
-    for _ in range(4):
+    for _ in range(4):  # kill at random moments until one lands inside a write (nearly always the first)
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(float(rng.uniform(0.05, 1.5)))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        remove_partials(out)  # what every rerun does first
-        for f in out.iterdir():
-            assert not f.name.startswith(PARTIAL)
-            assert nib.load(f).shape == (256, 256, 64)  # complete and loadable
-            np.asarray(nib.load(f).dataobj)
+        if list(out.glob(f"{PARTIAL}*")):
+            break
+    else:  # every kill fell between two writes: plant what one inside a write leaves
+        (out / f"{PARTIAL}vol0.nii.gz.k3x9q.nii.gz").write_bytes(b"\x1f\x8b\x08")
+    left = sorted(p.name for p in out.glob(f"{PARTIAL}*"))
+    assert left
+    capsys.readouterr()
+    assert run(weights, THICK, out) == 0
+    said = capsys.readouterr().out
+    assert not list(out.glob(f"{PARTIAL}*"))
+    assert all(f"removed {name}: a partial file left by an interrupted run" in said for name in left)
+    img = nib.load(out / f"{THICK.name[:-7]}.nii.gz")
+    assert img.shape[2] == nib.load(THICK).shape[2] * 2 and np.asarray(img.dataobj).std() > 0  # complete
+    for f in out.glob("vol*.nii.gz"):  # what the killed writer finished is whole: atomic renames only
+        assert nib.load(f).shape == (256, 256, 64)
+        np.asarray(nib.load(f).dataobj)
 
 
 def test_outputs_are_readable_like_any_file_but_the_pseudonym_key_stays_private(tmp_path):

@@ -1,5 +1,6 @@
 """Interpolation: output geometry, slab consistency, sliding-window sampling, metrics, the CLI end to end."""
 import json
+import resource
 
 import nibabel as nib
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from dataset.cache import load_case
 from dataset.intensity import to_int16_hu
 from dataset.thick import enforce_slab_consistency, simulate_thick
 from dataset.volume import CTVolume
@@ -120,11 +122,14 @@ def test_metrics_agree_with_hand_computation(chest):
     assert m["ssim"] == pytest.approx(ssim, abs=0.02)  # MONAI and scikit-image differ only at the borders
 
 
+@pytest.mark.slow
 def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic(weights, bundled_cache, tmp_path, capsys):
     ae, unet = weights
     out = tmp_path / "out"
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
     assert main(["--split", "test", "--cache", str(bundled_cache), "--output", str(out), "--autoencoder", str(ae),
                  "--unet", str(unet), "--samples", "2", "--adapt", "0"]) == 0
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     name = "thin__lidc-idri-0314_chest_1.0mm_crop-z88-168_inplane2x"
     img = nib.load(out / f"{name}.nii.gz")
     truth = nib.load(bundled_cache / "cases" / name / "thin.nii")
@@ -140,10 +145,20 @@ def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic
     assert summary["methods"]["ours + consistency"]["consistency_mean_abs_hu"] < 0.5
     assert summary["methods"]["cubic"]["consistency_mean_abs_hu"] > 1
     case = json.loads((out / "cases.json").read_text())[0]
-    assert case["peak_rss_gb"] > 0
-    # the untrained U-Net pushes some voxels below -1024 HU; they are clipped, and the residual is reported after
-    assert case["clipped_voxels"]["range_hu"][0] == -1024
-    assert case["consistency_residual"]["max_abs_hu"] < 1.0 or case["clipped_voxels"]["count"] > 0
+    # this process's peak resident memory when the case was done: between its peaks before and after the run
+    assert peak_before - 0.005 <= case["peak_rss_gb"] <= peak_after + 0.005
+    # the reported slab residual is the written file's own, and exact wherever nothing was clipped: the
+    # consistency step matches every slab mean, then int16 rounding moves a voxel, so a mean, by <= 0.5 HU
+    written = np.asarray(img.dataobj).astype(np.float32)
+    lo, hi = case["clipped_voxels"]["range_hu"]
+    assert lo == -1024 and written.min() >= lo and written.max() <= hi
+    slabs = written.reshape(256, 256, 16, 5)  # the 1 mm output tiles the 16 slabs of 5 mm from its first slice
+    gap = np.abs(slabs.mean(-1, dtype=np.float64) - load_case(bundled_cache / "cases" / name).thick.array)
+    assert case["consistency_residual"]["mean_abs_hu"] == pytest.approx(gap.mean(), abs=1e-4)
+    assert case["consistency_residual"]["max_abs_hu"] == pytest.approx(gap.max(), abs=1e-4)
+    at_limit = ((slabs == lo) | (slabs == hi)).any(-1)  # slabs holding a clipped voxel (or one exactly at a limit)
+    assert case["clipped_voxels"]["count"] <= np.count_nonzero((written == lo) | (written == hi))
+    assert at_limit.mean() < 0.5 and gap[~at_limit].max() <= 0.5 + 1e-3
     assert (out / f"{name}.png").stat().st_size > 10_000 and "| cubic |" in (out / "report.md").read_text()
     from PIL import Image
 
@@ -199,20 +214,53 @@ def test_slice_axis_resampling_equals_the_3d_spline_on_real_ct(chest, order):
         np.testing.assert_allclose(thick.sample_at(grid.affine, grid.shape, order=order), ref, atol=2e-3)
 
 
-def test_decode_chunks_fit_the_memory_limit(weights):
-    """One chunk of the decoder (with its halo) plus the scan's output-sized arrays stay within the plan; a small
-    scan decodes in one pass."""
-    from evaluation.interpolation import DECODER_BYTES_PER_VOXEL, OUTPUT_ARRAYS, RUNTIME_GB, decode_chunk_for
+DECODE_PROBE = """
+import json, math, resource, sys
+from types import SimpleNamespace
+import torch
+from AutoEncoder.codec import load_autoencoder
+from evaluation.interpolation import decode_chunk_for, decode_halo
+from thinslice.config import Config
+from thinslice.precision import Precision
+ae = load_autoencoder(sys.argv[1], "cpu")[0]
+models = SimpleNamespace(autoencoder=ae, precision=Precision(False, "fp32: this test's CPU"))
+shape, limit = (256, 256, 80), float(sys.argv[2])
+halo = decode_halo(models, Config().interpolate)
+chunk = decode_chunk_for(models, shape, limit, halo)
+latent = [math.ceil(s / k) for s, k in zip(shape, ae.compression)]
+context = [n if c >= n else min(n, c + 2 * halo) for n, c in zip(latent, chunk)]  # an inner chunk with its halo
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+with torch.no_grad():
+    ae.decode_volume(torch.randn(1, ae.cfg.latent_channels, *context), chunk=context)
+print(json.dumps({"chunk": chunk, "latent": latent, "runtime_gb": runtime,
+                  "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
 
+
+@pytest.mark.slow
+def test_decode_chunks_fit_the_memory_limit(weights):
+    """Measured, not recomputed: in a fresh process with the shipped autoencoder (the one the plan's constants
+    describe), the runtime plus one decoder chunk of the plan for the held-out case's 256x256x80 under
+    --max-memory-gb 2.2 peak within what the plan leaves them (the limit less the output-sized arrays);
+    a small scan decodes in one pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evaluation.interpolation import OUTPUT_ARRAYS, RUNTIME_GB, decode_chunk_for
+
+    root = Path(__file__).resolve().parents[1]
+    limit = 2.2  # tight: the decoder gets 0.47 GiB, so the plan has to chunk this scan
+    probe = subprocess.run([sys.executable, "-c", DECODE_PROBE, str(root / "pretrained" / "autoencoder.pt"), str(limit)],
+                           capture_output=True, text=True, timeout=600, cwd=root)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    m = json.loads(probe.stdout.splitlines()[-1])
+    assert m["chunk"] != m["latent"]  # chunked
+    # measured on a 2-core AVX2 CPU: runtime 1.01 GiB, with the chunk 1.46-1.49 GiB, against 1.97 planned
+    assert m["runtime_gb"] <= RUNTIME_GB
+    assert m["peak_gb"] <= limit - OUTPUT_ARRAYS * 4 * 256 * 256 * 80 / 2**30, m
     models = Models.load(*weights, torch.device("cpu"))
     f = models.autoencoder.compression
-    for shape, limit in (((256, 256, 80), 8.0), ((512, 512, 240), 8.0), ((512, 512, 300), 8.0), ((512, 512, 160), 5.0)):
-        latent = [int(np.ceil(s / k)) for s, k in zip(shape, f)]
-        chunk = decode_chunk_for(models, shape, limit, 6)
-        context = [n if c >= n else min(n, c + 12) for n, c in zip(latent, chunk)]
-        peak = (np.prod(context) * np.prod(f) * DECODER_BYTES_PER_VOXEL[models.precision.bf16]
-                + OUTPUT_ARRAYS * 4 * np.prod(shape)) / 2**30 + RUNTIME_GB
-        assert peak <= limit, (shape, limit, chunk)
     small = decode_chunk_for(models, (256, 256, 80), 8.0, 6)
     assert all(c >= np.ceil(n / k) for c, n, k in zip(small, (256, 256, 80), f))
 

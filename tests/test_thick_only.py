@@ -1,5 +1,6 @@
 """A thick-only archive (no thin series at all) prepares, encodes into in-plane pairs and trains the U-Net;
-extra z pairs of a thin case re-thicken to their condition; the lossless condition reaches the network."""
+extra z pairs of a thin case are conditioned on interpolation's cubic of their slab means; the lossless
+condition reaches the network."""
 import json
 import shutil
 
@@ -63,8 +64,8 @@ def test_a_thick_only_case_prepares_encodes_and_trains(thick_only, tmp_path):
         assert net.cond_channels == 8 + (64 if cond_image else 0)
 
 
-def test_extra_pairs_rethicken_to_their_condition_and_carry_the_cubic_crop(thick_only, chest):
-    from dataset.thick import simulate_thick
+def test_extra_z_pairs_condition_is_the_cubic_of_their_slab_means_and_the_cubic_crop_is_stored(thick_only, chest):
+    from dataset.thick import simulate_thick, thin_grid
     from dataset.volume import CTVolume
     from dataset.cache import CachedCase
 
@@ -75,9 +76,17 @@ def test_extra_pairs_rethicken_to_their_condition_and_carry_the_cubic_crop(thick
     assert ("z", 0) in kinds and ("z", 2) in kinds and any(k == "inplane" for k, _ in kinds)
     for d, cond, thin in pairs:
         assert cond.shape == thin.shape
-        if d["kind"] == "z":  # the slab means of the target are the condition's slab means (cubic interpolates them)
-            slabs = rethicken(thin, d["thin_mm"], d["slab_mm"])
-            assert np.abs(rethicken(cond, d["thin_mm"], d["slab_mm"]) - slabs).mean() < 25.0
+        if d["kind"] == "z":
+            # exact: the condition is interpolation's own cubic (sample_at, order 3, onto the thin grid that tiles
+            # the slabs) of the target's slab means, the thick scan this target would have given
+            slabs = simulate_thick(CTVolume(thin, np.diag([1.0, 1.0, d["thin_mm"], 1.0])), d["slab_mm"], d["slab_mm"])
+            grid, n = thin_grid(slabs, d["thin_mm"])
+            assert n == thin.shape[2]
+            np.testing.assert_allclose(cond, slabs.sample_at(grid, thin.shape[:2] + (n,), order=3), rtol=0, atol=1e-3)
+            # not exact: cubic does not keep slab means (the consistency step is what restores them); on this block
+            # re-thickening the condition misses the target's slab means by 5.5-5.6 HU on average (measured)
+            drift = np.abs(rethicken(cond, d["thin_mm"], d["slab_mm"]) - rethicken(thin, d["thin_mm"], d["slab_mm"]))
+            assert 2.0 < drift.mean() < 7.0
     # the stored cubic crop is the condition the latent was encoded from, and space-to-depth keeps every voxel
     (item, *_) = load_latent_cases(thick_only / "latents", "train")
     image = item.cond_image.float()[None]
