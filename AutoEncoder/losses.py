@@ -20,6 +20,16 @@ MEDICALNET_HINT = ("MedicalNet ResNet-10 weights (resnet_10_23dataset.pth from T
                    "saved as {path}; or set loss.perceptual_weight: 0 to train without the perceptual loss")
 
 
+def perceptual_weights_file(weights_path: str | Path) -> Path:
+    """The MedicalNet file a perceptual loss needs, found as every weight file is (thinslice.weights), or an error
+    that names it, where it was looked for and how to get it; the trainer asks before anything starts."""
+    try:
+        return find_weights(weights_path, "perceptual loss weights")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"perceptual loss: missing {weights_path}. Needs "
+                                + MEDICALNET_HINT.format(path=weights_path) + f" ({e})") from None
+
+
 def medicalnet_resnet10() -> nn.Module:
     return resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B", bias_downsample=False)
 
@@ -30,11 +40,7 @@ class MedicalNetPerceptualLoss(nn.Module):
 
     def __init__(self, weights_path: str | Path):
         super().__init__()
-        try:
-            path = find_weights(weights_path, "perceptual loss weights")
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"perceptual loss: missing {weights_path}. Needs "
-                                    + MEDICALNET_HINT.format(path=weights_path) + f" ({e})") from None
+        path = perceptual_weights_file(weights_path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from AutoEncoder.reconstruction import reconstruct_case
-from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss
+from AutoEncoder.losses import Adversary, MedicalNetPerceptualLoss, perceptual_weights_file
 from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.cache import cases_in_split
 from dataset.patches import PatchStream, patch_loader
@@ -252,6 +252,8 @@ def main(argv=None) -> int:
     try:
         cfg = with_overrides(load_config(args.config), "ae_train", max_steps=args.max_steps,
                              init_from=args.init_from and str(args.init_from))
+        if cfg.loss.perceptual_weight > 0:  # before the process group, a checkpoint or the run folder is touched
+            perceptual_weights_file(cfg.loss.perceptual_weights)
         train(cfg, args.cache, args.output, stop_after=args.stop_after, time_budget=args.time_budget)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

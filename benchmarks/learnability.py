@@ -7,7 +7,7 @@ network gets to what the autoencoder allows. If it cannot approach the ceiling h
 the model or the loss, not in the amount of data.
 
   python benchmarks/learnability.py LATENTS CASE_ID OUT [--slab 5 --val-crops 8]
-  python train/train_unet_latent.py --config config/unet_cpu_pairs.yaml --latents OUT --output runs/learn
+  python train/train_unet_latent.py --config config/cpu.yaml --latents OUT --output runs/learn
 """
 from __future__ import annotations
 

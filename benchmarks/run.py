@@ -171,7 +171,7 @@ def models_for_benchmark(a):
     ae_cfg, unet_cfg = load(a.ae_config), load(a.unet_config)
     torch.manual_seed(0)
     ae = PatchVolumeAutoencoder(ae_cfg.autoencoder).to(dev).eval()
-    net = build_unet(unet_cfg, ae_cfg.autoencoder.latent_channels).to(dev).eval()
+    net = build_unet(unet_cfg, ae_cfg.autoencoder.latent_channels, ae_cfg.autoencoder.compression).to(dev).eval()
     space = LatentSpace(1.0, unet_cfg.diffusion.residual, 1.0)
     return Models(ae, net, space, build_diffusion(unet_cfg), tuple(ae_cfg.data.hu_window), unet_cfg, dev), \
         f"untrained {a.ae_config} + {a.unet_config}"
@@ -196,8 +196,9 @@ def bench_interpolate(a) -> dict:
 
     models, weights = models_for_benchmark(a)
     thick = synthetic_thick(a.shape)
-    overrides = {"sample_steps": a.sample_steps, "adapt_steps": a.adapt}
-    cfg = InterpolateConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if a.sample_steps:
+        models.sampling = models.sampling.model_copy(update={"sample_steps": a.sample_steps})
+    cfg = InterpolateConfig(**({} if a.adapt is None else {"adapt_steps": a.adapt}))
     if a.device == "cuda":
         interpolate(synthetic_thick((64, 64, 40)), models, cfg, progress=False)  # CUDA context and kernels
     grid = output_grid(thick, cfg.spacing_mm)
@@ -209,7 +210,7 @@ def bench_interpolate(a) -> dict:
         res = interpolate(thick, models, cfg, progress=False)
         sync(a.device)
         dt = time.perf_counter() - t0
-    steps = cfg.sample_steps or models.unet_config.diffusion.sample_steps
+    steps = models.sampling.sample_steps
     return {"what": "interpolate one thick scan (cubic, encode, adapt, DDIM, decode, consistency)", "weights": weights,
             "input_shape": list(thick.shape), "output_shape": list(res.grid.shape), "sample_steps": steps,
             "adapt_steps": cfg.adapt_steps, "max_memory_gb": cfg.max_memory_gb,
@@ -266,13 +267,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     p.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
-    p.add_argument("--ae-config", default=None, help="default: config/autoencoder_cpu_stage1.yaml on CPU, "
-                                                     "config/autoencoder_stage1.yaml on GPU")
-    p.add_argument("--unet-config", default=None, help="default: config/unet_cpu.yaml on CPU, config/unet.yaml on GPU")
+    p.add_argument("--ae-config", default=None, help="default: config/cpu.yaml on CPU, config/cluster.yaml on GPU")
+    p.add_argument("--unet-config", default=None, help="default: config/cpu.yaml on CPU, config/cluster.yaml on GPU")
     p.add_argument("--ae-batch", type=int, default=2)
     p.add_argument("--unet-batch", type=int, default=None, help="default: the config's unet_train.batch_size")
     p.add_argument("--latent-channels", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=None, help="default: interpolation's (1)")
+    p.add_argument("--sample-steps", type=int, default=None, help="default: interpolation's (diffusion.sample_steps, 1)")
     p.add_argument("--adapt", type=int, default=None, help="adaptation steps (default: interpolation's, 600)")
     p.add_argument("--untrained", action="store_true", help="ignore pretrained/ (benchmark the configs' models)")
     p.add_argument("--warmup", type=int, default=2)
@@ -283,8 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
-    a.ae_config = a.ae_config or ("config/autoencoder_stage1.yaml" if gpu else "config/autoencoder_cpu_stage1.yaml")
-    a.unet_config = a.unet_config or ("config/unet.yaml" if gpu else "config/unet_cpu.yaml")
+    a.ae_config = a.ae_config or ("config/cluster.yaml" if gpu else "config/cpu.yaml")  # the recipe at each size
+    a.unet_config = a.unet_config or ("config/cluster.yaml" if gpu else "config/cpu.yaml")
     return a
 
 

@@ -1,4 +1,4 @@
-"""Prepare a dataset: python dataset/prepare.py --input RAW --output CACHE [--config config/data.yaml]
+"""Prepare a dataset: python dataset/prepare.py --input RAW --output CACHE [--config config/cpu.yaml]
 
 Walks RAW, turns every case (DICOM folder, DICOM ZIP, NIfTI, NRRD/MHA) into a cached thin/thick
 pair, then writes a manifest with a patient-level split and a failures file naming every case

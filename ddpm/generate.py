@@ -11,7 +11,7 @@ from ddpm.build import build_unet
 from ddpm.latent_data import LatentSpace
 from ddpm.samplers import Sampler
 from thinslice.checkpoint import load_checkpoint
-from thinslice.config import Config
+from thinslice.config import from_stored
 
 
 def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -75,7 +75,7 @@ def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Te
 def load_unet(path, device="cpu"):
     """The EMA weights of a U-Net checkpoint (best.pt or a step checkpoint): (net, latent space, config)."""
     state = load_checkpoint(path)
-    cfg = Config.model_validate(state["config"])
+    cfg = from_stored(state["config"])
     weights = state["ema"]
     if "n_averaged" in weights:  # a step checkpoint holds the AveragedModel's own state dict
         weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}

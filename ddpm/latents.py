@@ -28,7 +28,7 @@ from tqdm import tqdm
 from AutoEncoder.codec import Codec
 from dataset.cache import has_thin, load_case, read_manifest
 from dataset.volume import CTVolume
-from ddpm.pair_crops import pair_crops
+from ddpm.pair_crops import BODY_HU, pair_crops
 from thinslice.atomic import atomic_path, write_json
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import ConfigError, LatentsConfig, load_config
@@ -45,16 +45,17 @@ def encode_hu(codec: Codec, hu: np.ndarray) -> torch.Tensor:
     return codec.encode(hu)[0].to(torch.float16).cpu().contiguous()
 
 
-def encode_case(codec: Codec, case_dir: Path, pairs: LatentsConfig | None = None,
-                progress: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops."""
+def encode_case(codec: Codec, case_dir: Path, pairs: LatentsConfig | None = None, progress: bool = False,
+                body_threshold_hu: float = BODY_HU) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops (centred on voxels
+    above `body_threshold_hu`: data.patches.body_threshold_hu)."""
     case = load_case(case_dir)
     out, described = {}, []
     if case.thin is not None and (pairs is None or pairs.whole_train_cases):
         out["thin"] = encode_hu(codec, case.thin.array)
         out["cond"] = encode_hu(codec, thick_on_thin_grid(case.thick, case.thin))
     if pairs is not None and pairs.crops_per_pair > 0:
-        crops = pair_crops(case, pairs, codec.compression)
+        crops = pair_crops(case, pairs, codec.compression, body_threshold_hu)
         for k, crop in enumerate(tqdm(crops, desc=f"pairs {case.case_id}", unit="crop", leave=False, disable=not progress)):
             out[f"pair{k}.thin"] = encode_hu(codec, crop.thin_hu)
             out[f"pair{k}.cond"] = encode_hu(codec, crop.cond_hu)
@@ -64,8 +65,12 @@ def encode_case(codec: Codec, case_dir: Path, pairs: LatentsConfig | None = None
     return out, described
 
 
-def pairs_fingerprint(pairs: LatentsConfig | None) -> str:
-    blob = json.dumps(pairs.model_dump(mode="json") if pairs is not None else None, sort_keys=True)
+def pairs_fingerprint(pairs: LatentsConfig | None, body_threshold_hu: float = BODY_HU) -> str:
+    """What makes a case's pair crops: the latents section and the body threshold (once latents.body_threshold_hu,
+    hashed under that name so latents made before the rename are still recognised as done)."""
+    described = None if pairs is None else \
+        {**pairs.model_dump(mode="json"), "body_threshold_hu": float(body_threshold_hu)}
+    blob = json.dumps(described, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -78,8 +83,9 @@ def read_metadata(path: Path) -> dict | None:
 
 
 def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "test"),
-             pairs: LatentsConfig | None = None) -> dict:
-    """`pairs`: extra training pairs per training case (ddpm/pair_crops.py); None: each case's own pair only."""
+             pairs: LatentsConfig | None = None, body_threshold_hu: float = BODY_HU) -> dict:
+    """`pairs`: extra training pairs per training case (ddpm/pair_crops.py); None: each case's own pair only.
+    `body_threshold_hu`: data.patches.body_threshold_hu, where pair crops are centred."""
     ctx = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     codec, _ = Codec.load(checkpoint, ctx.device)
@@ -92,13 +98,13 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
     for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
         path = out / f"{c['case_id']}.safetensors"
         case_pairs = pairs if c["split"] == "train" else None
-        want = pairs_fingerprint(case_pairs)
+        want = pairs_fingerprint(case_pairs, body_threshold_hu)
         meta = read_metadata(path)
         if meta and meta.get("ae_fingerprint") == fingerprint and meta.get("pairs_fingerprint") == want:
             continue
         try:
             tensors, described = encode_case(codec, Path(cache) / "cases" / c["case_id"], case_pairs,
-                                             progress=ctx.is_main)
+                                             progress=ctx.is_main, body_threshold_hu=body_threshold_hu)
             if not tensors:
                 raise ValueError("no pair fits the crop (volume too small)")
         except Exception as e:  # one bad case never stops the run
@@ -167,8 +173,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        pairs = None if args.no_pairs else load_config(args.config).latents
-        index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits), pairs)
+        cfg = load_config(args.config)
+        pairs = None if args.no_pairs else cfg.latents
+        index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits), pairs,
+                         cfg.data.patches.body_threshold_hu)
     except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,9 @@ import numpy as np
 
 from dataset.cache import CachedCase
 from dataset.inplane_pairs import PairGeometry, inplane_pair, slab_condition
-from thinslice.config import LatentsConfig
+from thinslice.config import LatentsConfig, PatchConfig
+
+BODY_HU = PatchConfig().body_threshold_hu  # the schema's default body threshold
 
 
 @dataclass
@@ -87,13 +89,15 @@ def body_crops(thin: np.ndarray, size, n: int, threshold: float, rng: np.random.
     return out
 
 
-def pair_crops(case: CachedCase, cfg: LatentsConfig, compression) -> Iterator[PairCrop]:
+def pair_crops(case: CachedCase, cfg: LatentsConfig, compression,
+               body_threshold_hu: float = BODY_HU) -> Iterator[PairCrop]:
+    """`body_threshold_hu`: data.patches.body_threshold_hu, the one body threshold (autoencoder patches use it too)."""
     for k, (describe, cond, thin) in enumerate(pair_volumes(case, cfg)):
         size = crop_size_for(thin.shape, cfg.crop, compression)
         if size is None:
             continue
         rng = _generator(cfg.seed, case.case_id, k)
-        for start in body_crops(thin, size, cfg.crops_per_pair, cfg.body_threshold_hu, rng):
+        for start in body_crops(thin, size, cfg.crops_per_pair, body_threshold_hu, rng):
             sl = tuple(slice(a, a + s) for a, s in zip(start, size))
             yield PairCrop({**describe, "origin": list(start), "shape": list(size)},
                            np.ascontiguousarray(cond[sl]), np.ascontiguousarray(thin[sl]))

@@ -216,7 +216,7 @@ class UNetTask:
     def validate(self) -> tuple[dict, torch.Tensor | None]:
         self.ema.module.eval()
         return validate(self.ema.module, self.codec, self.space, self.val_sampler, self.vcrops,
-                        self.tc.val_sample_steps, self.ctx, self.bf16,
+                        self.cfg.diffusion.sample_steps, self.ctx, self.bf16,
                         self.compression if self.cfg.unet.cond_image else None)
 
     def describe(self, m: dict) -> str:

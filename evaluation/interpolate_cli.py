@@ -211,7 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--unet", type=Path, help="U-Net checkpoint (default: the config's, else pretrained/); 'none': no "
                                             "autoencoder or U-Net, only the per-scan adapter and the consistency step")
     p.add_argument("--spacing", type=float, help="output slice spacing in mm (default 1.0)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default 1: the posterior-mean estimate, as good as 25 on held-out CT)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the config's diffusion.sample_steps, 1: the "
+                                             "posterior-mean estimate, as good as 25 on held-out CT)")
     p.add_argument("--samples", type=int, help="samples to average; > 1 also writes a per-voxel std NIfTI")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-consistency", action="store_true", help="skip the slab-consistency projection")
@@ -237,16 +238,19 @@ def main(argv=None) -> int:
     try:
         if args.split and not args.cache:
             raise ConfigError("--split needs --cache")
-        cfg = load_config(args.config).interpolate
+        full = load_config(args.config)
+        cfg = full.interpolate
+        sampling = full.diffusion if args.steps is None else \
+            full.diffusion.model_validate({**full.diffusion.model_dump(), "sample_steps": args.steps})
         overrides = {"autoencoder": args.autoencoder and str(args.autoencoder), "unet": args.unet and str(args.unet),
-                     "spacing_mm": args.spacing, "sample_steps": args.steps, "samples": args.samples, "seed": args.seed,
+                     "spacing_mm": args.spacing, "samples": args.samples, "seed": args.seed,
                      "consistency": False if args.no_consistency else None, "decode": args.decode,
                      "adapt_steps": args.adapt, "max_memory_gb": args.max_memory_gb}
         cfg = cfg.model_validate({**cfg.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         policy = choose(device, cfg.bf16, cfg.cpu_bf16)
         print(f"precision: {policy}", flush=True)
-        models = Models.load(cfg.autoencoder, cfg.unet, device, policy)
+        models = Models.load(cfg.autoencoder, cfg.unet, device, policy, sampling)
         jobs = [(output_name(s), s) for s in args.input] if args.input else \
             [(d.name, d) for d in cases_in_split(args.cache, args.split)[: args.max_cases]]
         if not jobs:

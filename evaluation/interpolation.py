@@ -33,7 +33,7 @@ from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
 from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.checkpoint import file_fingerprint
-from thinslice.config import InterpolateConfig
+from thinslice.config import DiffusionConfig, InterpolateConfig
 from thinslice.precision import Precision, choose
 from thinslice.weights import find_weights
 
@@ -68,19 +68,25 @@ class Models:
     unet_config: object
     device: torch.device
     precision: Precision = None  # thinslice.precision.choose(device) unless given
+    # how to sample: the diffusion section of the config the interpolation runs with (its sampler, sample_steps and
+    # eta; the defaults unless given), not the checkpoint's, so the config one runs with decides, as in training
+    sampling: DiffusionConfig = None
 
     def __post_init__(self):
         if self.precision is None:
             self.precision = choose(self.device)
+        if self.sampling is None:
+            self.sampling = DiffusionConfig()
 
     @property
     def codec(self) -> Codec:
         return Codec(self.autoencoder, self.window, self.device, self.precision)
 
     @classmethod
-    def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None) -> "Models":
+    def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None,
+             sampling: DiffusionConfig | None = None) -> "Models":
         if str(unet) == NO_UNET:
-            return cls(None, None, None, None, None, None, torch.device(device), policy)
+            return cls(None, None, None, None, None, None, torch.device(device), policy, sampling)
         autoencoder = find_weights(autoencoder, "autoencoder checkpoint")
         unet = find_weights(unet, "U-Net checkpoint")
         ae, ae_state = load_autoencoder(autoencoder, device)
@@ -90,7 +96,7 @@ class Models:
             raise ValueError(f"{unet} was trained on latents of another autoencoder than {autoencoder} "
                              f"(fingerprint {expected} vs {actual})")
         return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device,
-                   policy)
+                   policy, sampling)
 
 
 @dataclass
@@ -184,10 +190,9 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     stage("encode the condition (autoencoder, patch-wise)")
     cond = encode_hu(models, cubic, progress)
     t_enc = time.perf_counter()
-    d = models.unet_config.diffusion
-    name = cfg.sampler or d.sampler
-    sampler = make_sampler(name, models.diffusion, eta=d.eta)
-    steps = cfg.sample_steps or d.sample_steps
+    s = models.sampling
+    name, steps = s.sampler, s.sample_steps
+    sampler = make_sampler(name, models.diffusion, eta=s.eta)
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
     window = cfg.window or tuple(models.unet_config.unet_train.crop_size)
     denoiser = sliding_window_denoiser(models.unet, window, cfg.overlap, cfg.sw_batch_size, bf16)

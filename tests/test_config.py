@@ -43,14 +43,71 @@ def test_python_m_thinslice_config_prints_the_resolved_config_as_json(tmp_path):
     import sys
     from pathlib import Path
 
-    shipped = Path(__file__).resolve().parents[1] / "config" / "unet_cpu_pairs.yaml"
+    shipped = Path(__file__).resolve().parents[1] / "config" / "cpu.yaml"
     out = subprocess.run([sys.executable, "-m", "thinslice.config", str(shipped)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout)
     assert printed == load_config(shipped).model_dump(mode="json")
-    assert printed["unet_train"]["final_step_fraction"] == yaml.safe_load(shipped.read_text())["unet_train"]["final_step_fraction"]
+    # resolved: recipe + size, each from its own file
+    recipe = yaml.safe_load((shipped.parent / "recipe.yaml").read_text())
+    assert printed["unet_train"]["final_step_fraction"] == recipe["unet_train"]["final_step_fraction"] == 0.5
+    assert printed["unet_train"]["max_steps"] == yaml.safe_load(shipped.read_text())["unet_train"]["max_steps"]
     assert printed["interpolate"]["adapt_steps"] == 600  # a default the file does not set, filled in
     bad = tmp_path / "bad.yaml"
     bad.write_text("unet:\n  cond_imag: true\n")
     out = subprocess.run([sys.executable, "-m", "thinslice.config", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "unet.cond_imag: unknown key" in out.stderr and out.stdout == ""
+
+
+def test_a_size_file_is_deep_merged_over_its_recipe(tmp_path):
+    """`recipe: FILE` (relative to the including file) is merged under the file's own keys, key by key; lists are
+    replaced whole; chains are followed; the result is validated as any config."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "recipe.yaml").write_text(
+        "unet: {cond_image: true, channel_mult: [1, 2, 4]}\nunet_train: {final_step_fraction: 0.5}\n")
+    (tmp_path / "base" / "size.yaml").write_text("recipe: recipe.yaml\nunet: {channel_mult: [1, 2]}\n")
+    (tmp_path / "mine.yaml").write_text("recipe: base/size.yaml\nunet_train: {max_steps: 7}\n"
+                                        "differs: {unet.cond_image: \"because\"}\nunet: {cond_image: false}\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.unet.channel_mult == (1, 2) and cfg.unet.cond_image is False  # the nearer file wins
+    assert cfg.unet_train.final_step_fraction == 0.5 and cfg.unet_train.max_steps == 7  # merged within a section
+    (tmp_path / "bad.yaml").write_text("recipe: base/size.yaml\nunet: {cond_imag: true}\n")
+    with pytest.raises(ConfigError, match="unet.cond_imag: unknown key"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "base" / "recipe.yaml").write_text("unet: {heads: 0}\n")  # an error set in the recipe says so
+    with pytest.raises(ConfigError, match=r"unet.heads.*\(set in .*recipe.yaml\)"):
+        load_config(tmp_path / "mine.yaml")
+    (tmp_path / "missing.yaml").write_text("recipe: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="recipe: nowhere.yaml not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "a.yaml").write_text("recipe: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("recipe: a.yaml\n")
+    with pytest.raises(ConfigError, match="circle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "why.yaml").write_text("recipe: base/size.yaml\ndiffers: {unet.cond_imag: x}\n")
+    with pytest.raises(ConfigError, match="differs: unet.cond_imag: unknown key"):
+        load_config(tmp_path / "why.yaml")
+    (tmp_path / "why.yaml").write_text("recipe: base/size.yaml\ndiffers: {unet.cond_image: ''}\n")
+    with pytest.raises(ConfigError, match="say why"):
+        load_config(tmp_path / "why.yaml")
+
+
+@pytest.mark.parametrize("old, new", [("unet_train.val_sample_steps", "diffusion.sample_steps"),
+                                      ("interpolate.sample_steps", "diffusion.sample_steps"),
+                                      ("interpolate.sampler", "diffusion.sampler"),
+                                      ("latents.body_threshold_hu", "data.patches.body_threshold_hu")])
+def test_a_renamed_knob_is_an_error_that_names_its_one_name(old, new):
+    section, key = old.split(".")
+    with pytest.raises(ConfigError, match=f"{old}: renamed to {new}"):
+        parse_config({section: {key: 1}})
+
+
+def test_weights_trained_before_a_rename_still_load():
+    """A checkpoint stores every key of its day: renamed ones are dropped, their new names are in the dump too."""
+    from thinslice.config import Config, from_stored
+
+    stored = Config().model_dump(mode="json")
+    stored["unet_train"]["val_sample_steps"] = 25
+    stored["interpolate"] |= {"sample_steps": 1, "sampler": None}
+    stored["latents"]["body_threshold_hu"] = -500.0
+    assert from_stored(stored) == Config()

@@ -1,4 +1,6 @@
-"""kub_files/: every manifest is a valid Kubernetes object whose command is a valid call of our own CLI."""
+"""kub_files/: every manifest is a valid Kubernetes object whose command is a valid call of our own CLI, and every
+job runs the recipe (config/recipe.yaml) at cluster size."""
+import fnmatch
 from pathlib import Path
 
 import pytest
@@ -6,16 +8,18 @@ import yaml
 
 from AutoEncoder.trainer import parse_args as ae_args
 from dataset.prepare import parse_args as prepare_args
+from ddpm.export import parse_args as export_args
 from ddpm.latents import parse_args as latents_args
 from ddpm.trainer import parse_args as unet_args
-from thinslice.config import load_config
+from thinslice.config import load_config, load_layers, recipe_differences
 from evaluation.interpolate_cli import parse_args as interpolate_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((ROOT / "kub_files").glob("*.yaml"))
 PARSERS = {"dataset/prepare.py": prepare_args, "train/generate_training_latent.py": latents_args,
            "train/train_autoencoder.py": ae_args, "train/train_unet_latent.py": unet_args,
-           "evaluation/interpolate.py": interpolate_args}
+           "evaluation/interpolate.py": interpolate_args, "ddpm/export.py": export_args}
+RECIPE = ROOT / "config" / "recipe.yaml"
 IMAGE = "registry.example.com/thinslice:0.1.0"
 DATA_ROOT = "/data"
 
@@ -33,16 +37,76 @@ def pod_specs(doc) -> list[dict]:
 
 
 def invocation(container) -> tuple[str, list[str]]:
-    """(script, its arguments) out of `python script ...` or `torchrun [torchrun flags] script ...`."""
+    """(script, its arguments) out of `python script ...`, `python -m module ...` (script: the module's file) or
+    `torchrun [torchrun flags] script ...`."""
     argv = container["command"] + container.get("args", [])
+    if "-m" in argv:
+        i = argv.index("-m") + 1
+        return argv[i].replace(".", "/") + ".py", argv[i + 1:]
     i = next(k for k, a in enumerate(argv) if a.endswith(".py"))
     return argv[i], argv[i + 1:]
+
+
+def jobs() -> list[tuple[str, str, list[str], dict]]:
+    """(manifest name, script, its arguments, the container) of every job's first pod (a PyTorchJob's pods agree)."""
+    out = []
+    for path in MANIFESTS:
+        doc = load(path)
+        specs = pod_specs(doc)
+        if specs:
+            c = specs[0]["containers"][0]
+            out.append((path.name, *invocation(c), c))
+    return out
 
 
 def test_the_manifests_are_all_there():
     names = {p.name for p in MANIFESTS}
     assert {"pvc.yaml", "prepare-job.yaml", "latents-job.yaml", "ae-stage1-pytorchjob.yaml",
-            "ae-stage2-pytorchjob.yaml", "unet-pytorchjob.yaml", "interpolate-job.yaml"} <= names
+            "ae-stage2-pytorchjob.yaml", "unet-pytorchjob.yaml", "export-job.yaml", "interpolate-job.yaml"} <= names
+
+
+def test_every_job_runs_the_recipe_at_cluster_size():
+    """The scale path is the recipe: each job names a cluster config that differs from config/recipe.yaml only in
+    size keys and declared differences, and the knobs that made the model work are on where each step reads them."""
+    seen = set()
+    for name, script, argv, _ in jobs():
+        args = PARSERS[script](argv)
+        if script == "ddpm/export.py":  # copies weights; the config travels inside the checkpoints
+            continue
+        assert args.config is not None and str(args.config).startswith("config/cluster"), (name, args.config)
+        assert recipe_differences(ROOT / args.config, RECIPE) == [], name
+        cfg = load_config(ROOT / args.config)
+        seen.add(script)
+        if script == "train/train_autoencoder.py":
+            assert cfg.autoencoder.compression[2] <= 2 and cfg.autoencoder.regularizer == "kl", name
+            assert cfg.loss.perceptual_weight > 0 and cfg.loss.adv_weight > 0, name  # kept on at cluster size
+        if script == "train/generate_training_latent.py":
+            assert not args.no_pairs and cfg.latents.crops_per_pair > 0 and cfg.latents.inplane, name
+        if script == "train/train_unet_latent.py":
+            assert cfg.unet_train.final_step_fraction > 0 and cfg.unet.cond_image, name
+            assert cfg.diffusion.sample_steps == 1, name
+        if script == "evaluation/interpolate.py":
+            assert cfg.diffusion.sample_steps == 1 and cfg.interpolate.adapt_steps > 0, name
+    assert seen == set(PARSERS) - {"ddpm/export.py"}
+
+
+def test_the_image_holds_what_the_jobs_run():
+    """The Dockerfile copies the project (scripts, modules, config/) into /app, and .dockerignore keeps none of
+    what a job names out of the image: its script and its config with every file that config includes."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY . ." in dockerfile and "WORKDIR /app" in dockerfile and "pip install --no-deps -e ." in dockerfile
+    ignored = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for name, script, argv, _ in jobs():
+        needed = [ROOT / script]
+        config = getattr(PARSERS[script](argv), "config", None)
+        if config is not None:
+            needed += [p for p, _ in load_layers(ROOT / config)]
+        for path in needed:
+            rel = path.resolve().relative_to(ROOT)
+            assert path.is_file(), (name, rel)
+            assert not any(fnmatch.fnmatch(str(rel), pat) or fnmatch.fnmatch(part, pat.removeprefix("**/"))
+                           for pat in ignored for part in rel.parts), (name, rel)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -106,8 +170,11 @@ def test_image_volume_and_paths_agree_across_manifests():
             if args.get("output"):
                 produced.add(str(args["output"]))
             for key in ("cache", "latents", "checkpoint", "autoencoder", "unet", "init_from"):
-                if args.get(key):
+                if args.get(key) and not isinstance(args[key], (list, tuple)):
                     consumed.add(str(args[key]))
+            if args.get("export_autoencoder"):  # (the run's checkpoint, the exported file)
+                consumed.add(str(args["export_autoencoder"][0]))
+                produced.add(str(args["export_autoencoder"][1]))
     for path in consumed:  # every path a step reads is written by another step (checkpoints under its run folder)
         assert path.startswith(DATA_ROOT) and any(path == p or path.startswith(p + "/") for p in produced), path
     dockerfile = (ROOT / "Dockerfile").read_text()

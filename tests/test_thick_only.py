@@ -140,7 +140,8 @@ def test_learnability_view_validates_on_the_training_case_own_crops(tmp_path, ti
     assert [c["split"] for c in view["cases"]] == ["train", "val"] and view["cases"][1]["pairs"] == 2
     cfg = json.loads(json.dumps(UNET))
     cfg["unet"]["cond_image"] = True
-    cfg["unet_train"].update(max_steps=2, val_every=2, val_sample_steps=1)
+    cfg["unet_train"].update(max_steps=2, val_every=2)
+    cfg["diffusion"]["sample_steps"] = 1
     (tmp_path / "unet.yaml").write_text(yaml.safe_dump(cfg))
     assert train_main(["--config", str(tmp_path / "unet.yaml"), "--latents", str(tmp_path / "learn"),
                        "--output", str(tmp_path / "run")]) == 0

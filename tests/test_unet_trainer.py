@@ -26,7 +26,7 @@ TINY = {
     "diffusion": {"sample_steps": 3},
     "unet_train": {"crop_size": [16, 16, 4], "samples_per_case": 4, "batch_size": 2, "max_steps": 6, "warmup_steps": 2,
                    "lr": 1e-3, "ema_decay": 0.9, "num_workers": 0, "log_every": 1, "val_every": 3, "val_crop": [8, 8, 4],
-                   "val_sample_steps": 3, "checkpoint_every": 3, "keep_last": 2},
+                   "checkpoint_every": 3, "keep_last": 2},
 }
 
 

@@ -1,7 +1,13 @@
 """The one config schema of the project: every YAML in config/ is validated against it.
 
 Unknown or misspelled keys are errors that name the key (and suggest the closest valid one),
-so a typo never silently falls back to a default.
+so a typo never silently falls back to a default; a key that was renamed names its new name.
+
+One recipe, several sizes: `config/recipe.yaml` holds what makes the model work, written once. A size file
+starts with `recipe: recipe.yaml` (a path relative to itself) and sets only what SIZE_KEYS, STAGE_KEYS and
+DATA_KEYS name, plus any other change declared under `differs: {dotted.key: "why"}`; load_config deep-merges
+the file over its recipe (a chain of such files is followed to its root). tests/test_recipe.py holds every
+shipped config to this with recipe_differences(), so what scales (cluster.yaml) is what was shown to work.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class SplitConfig(_Strict):
 class PatchConfig(_Strict):
     """Where training patches are centred and how they are augmented (size: autoencoder.patch_size)."""
 
+    # the body: autoencoder patches and the latents' pair crops are centred on voxels above this
     body_threshold_hu: float = -500.0
     flip_axes: tuple[int, ...] = (0, 1)
     jitter_hu: float = Field(10.0, ge=0)
@@ -108,7 +115,9 @@ class AutoencoderConfig(_Strict):
     patch_size: tuple[int, int, int] = (64, 64, 64)  # patch-wise encoding of whole volumes
     encode_overlap: float = Field(0.25, ge=0, lt=1)
     decode_chunk: tuple[int, int, int] = (64, 64, 64)  # latent voxels per decoded chunk
-    decode_halo: int = Field(12, ge=0)  # latent context per side; >= the decoder's receptive radius
+    # latent context per side of a decoded chunk, >= the decoder's receptive radius: decoding in chunks is then
+    # exact (training, validation; interpolation may trade some of it for speed: interpolate.decode_halo)
+    decode_halo: int = Field(12, ge=0)
 
     @model_validator(mode="after")
     def _levels(self):
@@ -145,6 +154,8 @@ class TrainingLoop(_Strict):
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # precision is set per command (each trainer here, interpolate.bf16 for inference): a size choice, made where
+    # the command runs
     bf16: bool = True  # false: fp32 everywhere; true: thinslice.precision decides from the hardware
     cpu_bf16: bool | None = None  # None: bf16 on CPU only with AMX / AVX-512-BF16; true/false forces it
     seed: int = 0
@@ -205,8 +216,14 @@ class DiffusionConfig(_Strict):
     min_snr_gamma: float | None = Field(5.0, gt=0)
     # Diffuse thin - condition (the detail the thick scan lacks) instead of the thin latent itself.
     residual: bool = True
+    # How every sample is drawn: the U-Net's validation during training and the interpolation both read these from
+    # the config they are given (interpolation: --config, else the defaults; --steps overrides sample_steps), so the
+    # best.pt a run keeps is chosen on the samples it will be used with.
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = Field(50, gt=0)
+    # 1: one DDIM step from noise, i.e. the U-Net's posterior-mean estimate of the thin latent: with the shipped
+    # weights it scores above 25-step samples on held-out chest (33.50 vs 33.18 dB on a test block; samples add
+    # detail that is not the truth's) at 1/25 of the cost. Use --samples N with more steps for a std map.
+    sample_steps: int = Field(1, gt=0)
     eta: float = Field(0.0, ge=0)
 
 
@@ -224,7 +241,6 @@ class LatentsConfig(_Strict):
     output_spacing_mm: float = Field(1.0, gt=0)  # the thin spacing in-plane pairs are box-averaged to
     crop: tuple[int, int, int] = (64, 64, 32)  # image voxels per encoded crop, multiples of the compression
     crops_per_pair: int = Field(4, ge=0)  # 0: no extra pairs, only each case's own (thin, cond)
-    body_threshold_hu: float = -500.0  # crop centres lie in voxels above this
     # false: a training case's own whole-volume pair is not encoded (only its crops are; what unet.cond_image
     # trains on), which keeps the cost bounded on large scans; val and test cases are always encoded whole
     whole_train_cases: bool = True
@@ -248,7 +264,6 @@ class UNetTrainConfig(TrainingLoop):
     val_every: int = Field(2000, gt=0)
     val_max_cases: int = Field(2, gt=0)
     val_crop: tuple[int, int, int] | None = (32, 32, 16)  # latent crop at each val case's centre; None = whole
-    val_sample_steps: int = Field(25, gt=0)
     checkpoint_every: int = Field(2000, gt=0)
     # start from the EMA weights and latent scaling of this U-Net (a run's checkpoint or an exported file such as
     # pretrained/unet.pt) with a fresh optimiser and schedule: fine-tuning on one's own latents, which must come
@@ -262,12 +277,7 @@ class InterpolateConfig(_Strict):
     autoencoder: str = "pretrained/autoencoder.pt"
     unet: str = "pretrained/unet.pt"
     spacing_mm: float = Field(1.0, gt=0)  # output slice spacing
-    # 1: one DDIM step from noise, i.e. the U-Net's posterior-mean estimate of the thin latent: with the shipped
-    # weights it scores above 25-step samples on held-out chest (33.50 vs 33.18 dB on a test block; samples add
-    # detail that is not the truth's) at 1/25 of the cost; None: the
-    # U-Net checkpoint's diffusion.sample_steps. Use --samples N with more steps for samples and a std map.
-    sample_steps: int | None = Field(1, gt=0)
-    sampler: Literal["ddim", "ddpm"] | None = None
+    # (the sampler and its steps: diffusion.sampler and diffusion.sample_steps of this config)
     samples: int = Field(1, gt=0)  # > 1: mean as output, per-voxel std as an uncertainty map
     seed: int = 0
     # latent sliding window, multiples of the U-Net's size multiple; None: the crop the U-Net was trained on, so its
@@ -279,13 +289,17 @@ class InterpolateConfig(_Strict):
     # residual: output = cubic + D(z_thin) - D(z_cubic), so the autoencoder's own reconstruction error cancels
     # and only what the U-Net changed in latent space reaches the image; direct: output = D(z_thin)
     decode: Literal["residual", "direct"] = "residual"
-    bf16: bool = True  # as in the trainers: thinslice.precision decides from the hardware unless forced
+    # as in the trainers: thinslice.precision decides from the hardware unless forced. Not one knob with the trainers':
+    # where and how a model is trained (a cluster's GPUs) and where it is used (a hospital's CPU) differ
+    bf16: bool = True
     cpu_bf16: bool | None = None
     # peak memory (GiB) the interpolation plans for: the decoder's chunk shrinks to fit it (the decoder at full
     # resolution is what grows with a chunk; the latent and a few output-sized arrays are what grows with a scan)
     max_memory_gb: float = Field(8.0, gt=1)
     # latent context per side of a decoded chunk (at most the autoencoder's decode_halo; None: that): 6 decodes
-    # the shipped autoencoder within 1.0 HU max, 0.008 HU mean of one unchunked pass (fp32), 12 costs 2-3x more
+    # the shipped autoencoder within 1.0 HU max, 0.008 HU mean of one unchunked pass (fp32), 12 costs 2-3x more.
+    # Not the same knob as autoencoder.decode_halo: that one is the model's exact context (stored with its weights,
+    # used in training and validation), this one the interpolation's trade of that exactness for speed
     decode_halo: int | None = Field(6, ge=0)
     # thick slices per tile for scans without truth (each computed with a halo as deep as the decoder sees);
     # None: whole scans that fit half of max_memory_gb, tiles sized from it otherwise
@@ -315,9 +329,69 @@ class Config(_Strict):
     interpolate: InterpolateConfig = InterpolateConfig()
 
 
+# Old names of knobs that now have one name: the old name is an error that names the new one (a config that set it
+# would otherwise be refused as unknown without a hint, or silently lose the setting).
+RENAMED = {
+    "unet_train.val_sample_steps": ("diffusion.sample_steps", "validation samples as interpolation does"),
+    "interpolate.sample_steps": ("diffusion.sample_steps", "one name for the steps of every sample; --steps "
+                                                           "overrides it on the command line"),
+    "interpolate.sampler": ("diffusion.sampler", "one name for how every sample is drawn"),
+    "latents.body_threshold_hu": ("data.patches.body_threshold_hu", "one body threshold for autoencoder patches "
+                                                                     "and pair crops"),
+}
+
+# The top-level keys of a size file that are not config sections.
+INCLUDE, DIFFERS = "recipe", "differs"
+
+# What a size file may change: how big the networks, crops and batches are, how long and how parallel the runs are,
+# how often they log and save, and the precision. Everything else is the recipe (config/recipe.yaml); a size file
+# declares any other change under `differs:` with its reason. A dotted name covers the keys under it.
+_LOOP = ("batch_size", "grad_accum", "max_steps", "lr", "warmup_steps", "bf16", "cpu_bf16", "num_workers", "log_every",
+         "val_every", "val_max_cases", "checkpoint_every", "keep_last")
+SIZE_KEYS = frozenset({
+    "autoencoder.channels", "autoencoder.num_res_blocks", "autoencoder.encoder_attention", "autoencoder.patch_size",
+    "autoencoder.decode_chunk", "autoencoder.decode_halo",  # the halo follows the decoder's depth (its receptive radius)
+    "loss.disc_channels", "loss.disc_layers", "loss.adv_start_step",
+    *(f"ae_train.{k}" for k in _LOOP + ("disc_lr", "image_every")),
+    "latents.crop", "latents.crops_per_pair",
+    "unet.model_channels", "unet.channel_mult", "unet.num_res_blocks", "unet.attention_levels", "unet.window",
+    "unet.dit_depth", "unet.heads", "unet.global_depth", "unet.grad_checkpoint",
+    *(f"unet_train.{k}" for k in _LOOP + ("crop_size", "samples_per_case", "ema_decay", "val_crop")),
+    "interpolate.window", "interpolate.sw_batch_size", "interpolate.max_memory_gb", "interpolate.tile_slices",
+    "interpolate.bf16", "interpolate.cpu_bf16",
+})
+# Which of the autoencoder's two stages a file runs: the trainer reads one ae_train section, so stage 2 is its own
+# file (`recipe:` the stage-1 file of the same size) that sets these.
+STAGE_KEYS = frozenset({"ae_train.stage", "ae_train.init_from", "ae_train.crop_size"})
+# Which cases: how a dataset's patients are named and split. They describe the user's data, not how the model is made.
+DATA_KEYS = frozenset({"data.split", "data.patient_regex", "data.case_names"})
+
+
+def _known_path(dotted: str) -> bool:
+    """Whether `dotted` names a section or key of the schema (a dict-valued key may be followed by any entry)."""
+    model: type[BaseModel] | None = Config
+    for part in dotted.split("."):
+        if model is None:
+            return False
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        elif getattr(ann, "__origin__", None) is dict:
+            return True  # e.g. data.split.fixed.<patient>
+        else:
+            model = None
+    return True
+
+
 def _describe(err: dict, model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
+        if loc in RENAMED:
+            new, why = RENAMED[loc]
+            return f"{loc}: renamed to {new} ({why})"
         parent = model
         for part in err["loc"][:-1]:
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
@@ -340,18 +414,131 @@ def parse_config(raw: dict | None, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate a YAML config; None gives the defaults."""
-    if path is None:
-        return Config()
-    path = Path(path)
+def from_stored(raw: dict) -> Config:
+    """The config a checkpoint stored (every key written out): keys of an older schema that were renamed are dropped,
+    since the full dump always holds their new name too, so weights trained before a rename still load."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for old in RENAMED:
+        section, key = old.split(".", 1)
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    return parse_config(raw, "the checkpoint's config")
+
+
+def _read(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         raw = yaml.safe_load(f)
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return parse_config(raw, str(path))
+    return raw
+
+
+def load_layers(path: str | Path) -> list[tuple[Path, dict]]:
+    """The file and every file it names with `recipe:`, the recipe first (the root of the chain), raw as read."""
+    layers: list[tuple[Path, dict]] = []
+    path = Path(path)
+    while True:
+        if any(path.resolve() == p.resolve() for p, _ in layers):
+            raise ConfigError(f"{layers[0][0]}: `recipe:` files name each other in a circle ({path})")
+        raw = _read(path)
+        layers.append((path, raw))
+        parent = raw.get(INCLUDE)
+        if parent is None:
+            return layers[::-1]
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: recipe: must be a path to a YAML file (relative to {path.name}'s folder)")
+        if not (path.parent / parent).is_file():
+            raise ConfigError(f"{path}: recipe: {parent} not found (looked at {path.parent / parent})")
+        path = path.parent / parent
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings are merged key by key, anything else (lists too) replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve(path: str | Path) -> tuple[dict, dict[str, str], list[tuple[Path, dict]]]:
+    """(the merged sections, the declared differences with their reasons, the layers) of a config file."""
+    layers = load_layers(path)
+    merged: dict = {}
+    differs: dict[str, str] = {}
+    for where, raw in layers:
+        declared = raw.get(DIFFERS) or {}
+        if not isinstance(declared, dict):
+            raise ConfigError(f"{where}: differs: must map dotted keys to the reason for each difference")
+        for key, why in declared.items():
+            if not _known_path(str(key)):
+                raise ConfigError(f"{where}: differs: {key}: unknown key")
+            if not isinstance(why, str) or not why.strip():
+                raise ConfigError(f"{where}: differs: {key}: say why (a non-empty reason)")
+            differs[str(key)] = why
+        merged = _merge(merged, {k: v for k, v in raw.items() if k not in (INCLUDE, DIFFERS)})
+    return merged, differs, layers
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config, merged over the recipe it names (`recipe:`); None gives the defaults."""
+    if path is None:
+        return Config()
+    merged, _, layers = resolve(path)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            line = _describe(err, Config)
+            setters = [p for p, raw in layers if _has(raw, err["loc"])]
+            if setters and setters[-1] != layers[-1][0]:
+                line += f" (set in {setters[-1]})"
+            lines.append(line)
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+
+
+def _has(raw, loc) -> bool:
+    for part in loc:
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
+
+
+def _leaves(tree, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _covered(key: str, names) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def recipe_differences(path: str | Path, recipe: str | Path) -> list[str]:
+    """How a config departs from `recipe` beyond SIZE_KEYS, STAGE_KEYS, DATA_KEYS and its declared `differs`:
+    one line per problem (empty: it runs the recipe). A file must descend from `recipe` through `recipe:`, and a
+    declared difference that does not differ is a problem too (a stale reason misleads the reader)."""
+    recipe = Path(recipe)
+    _, differs, layers = resolve(path)
+    if not any(p.resolve() == recipe.resolve() for p, _ in layers):
+        return [f"{path}: does not descend from {recipe} (add `recipe: {recipe.name}` or a size file that has it)"]
+    ours = _leaves(load_config(path).model_dump(mode="json"))
+    base = _leaves(load_config(recipe).model_dump(mode="json"))
+    allowed = SIZE_KEYS | STAGE_KEYS | DATA_KEYS
+    problems = []
+    for key in sorted(set(ours) | set(base)):
+        if ours.get(key) != base.get(key) and not _covered(key, allowed) and not _covered(key, differs):
+            problems.append(f"{path}: {key} is {ours.get(key)!r}, the recipe's is {base.get(key)!r}: not a size key; "
+                            f"declare it under differs: with the reason, or drop it")
+    for key, why in differs.items():
+        if all(ours.get(k) == base.get(k) for k in set(ours) | set(base) if _covered(k, [key])):
+            problems.append(f"{path}: differs: {key} ({why}) is declared but equals the recipe")
+    return problems
 
 
 def _print_resolved(argv: list[str]) -> int:
@@ -361,7 +548,8 @@ def _print_resolved(argv: list[str]) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="python -m thinslice.config",
-                                description="Print a config file resolved and validated, as JSON (defaults filled in).")
+                                description="Print a config file resolved and validated, as JSON: merged over the "
+                                            "recipe it names (recipe:), defaults filled in.")
     p.add_argument("config", nargs="?", type=Path, help="YAML file (none: the defaults)")
     p.add_argument("--section", help="print only this section (data, autoencoder, loss, ae_train, latents, unet, "
                                      "diffusion, unet_train, interpolate)")

@@ -1,7 +1,7 @@
 """Train the latent diffusion U-Net on pre-encoded latents.
 
-  python train/train_unet_latent.py --config config/unet.yaml --latents LATENTS --output runs/unet
-  torchrun --nproc_per_node=8 train/train_unet_latent.py --config config/unet.yaml --latents LATENTS --output runs/unet
+  python train/train_unet_latent.py --config config/cpu.yaml --latents LATENTS --output runs/unet
+  torchrun --nproc_per_node=8 train/train_unet_latent.py --config config/cluster.yaml --latents LATENTS --output runs/unet
 
 Rerunning the same command resumes from the run folder's latest checkpoint.
 """
