@@ -215,7 +215,7 @@ def test_slice_axis_resampling_equals_the_3d_spline_on_real_ct(chest, order):
 
 
 DECODE_PROBE = """
-import json, math, resource, sys
+import json, math, sys
 from types import SimpleNamespace
 import torch
 from AutoEncoder.codec import load_autoencoder
@@ -229,11 +229,13 @@ halo = decode_halo(models, Config().interpolate)
 chunk = decode_chunk_for(models, shape, limit, halo)
 latent = [math.ceil(s / k) for s, k in zip(shape, ae.compression)]
 context = [n if c >= n else min(n, c + 2 * halo) for n, c in zip(latent, chunk)]  # an inner chunk with its halo
-runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def hwm_gb():  # this process's own peak: ru_maxrss would carry the (pytest) parent's peak across fork and exec
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**20
+runtime = hwm_gb()
 with torch.no_grad():
     ae.decode_volume(torch.randn(1, ae.cfg.latent_channels, *context), chunk=context)
 print(json.dumps({"chunk": chunk, "latent": latent, "runtime_gb": runtime,
-                  "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_gb": hwm_gb()}))
 """
 
 
