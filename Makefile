@@ -7,7 +7,7 @@ DEMO   ?= outputs/demo
 # time in the kernel faulting in fresh pages; this made a decode chunk 25 % faster at the same peak memory
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: setup demo demo-pretrained test benchmark clean
+.PHONY: setup demo demo-pretrained test test-all benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,12 @@ demo-pretrained: setup
 benchmark: setup
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json
 
+# the quick loop: every test but the end-to-end runs marked slow
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# everything, the slow end-to-end runs included: what CI runs (.ci/run)
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 clean:
