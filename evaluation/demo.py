@@ -110,16 +110,11 @@ Outputs ({minutes:.1f} min)
 
 def machine() -> dict:
     """What the demo's time depends on: the CPU, its precision policy, the threads."""
-    import platform
-
     import torch
 
-    from thinslice.precision import choose
+    from thinslice.precision import choose, cpu_model
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "precision": str(choose(torch.device("cpu"))),
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "precision": str(choose(torch.device("cpu"))),
             "torch": torch.__version__}
 
 

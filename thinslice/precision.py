@@ -71,3 +71,18 @@ def choose(device: torch.device | str, allowed: bool = True, cpu_bf16: bool | No
 def for_loop(device: torch.device | str, loop) -> Precision:
     """The policy for a trainer's loop config (`bf16`, `cpu_bf16`)."""
     return choose(device, loop.bf16, loop.cpu_bf16)
+
+
+def cpu_model() -> str:
+    """The CPU's name and logical cores, for timings that must say what they ran on."""
+    import os
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
