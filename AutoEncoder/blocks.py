@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def channels_last(weight: torch.Tensor) -> bool:
+    """Whether a model was put in channels-last memory (inference: oneDNN's 3D convolutions run about 2x faster
+    on CPU, and ChannelNorm becomes one fused layer_norm)."""
+    return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+
+
 class ChannelNorm(nn.Module):
     """LayerNorm over the channel axis at every voxel."""
 
@@ -17,6 +23,10 @@ class ChannelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+            # channels last (inference): one fused layer_norm over the channels, the innermost axis in memory
+            return F.layer_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), self.weight, self.bias,
+                                self.eps).permute(0, 4, 1, 2, 3)
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
@@ -100,7 +110,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv3d(c, out_channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+        h = self.conv_in(x)
+        if channels_last(self.conv_out.weight):
+            h = h.contiguous(memory_format=torch.channels_last_3d)  # a 1-channel input cannot carry the format
+        return self.conv_out(F.silu(self.norm_out(self.blocks(h))))
 
 
 class Decoder(nn.Module):
@@ -123,4 +136,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv3d(c, 1, 3, padding=1)
 
     def forward(self, z):
-        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
+        if channels_last(self.conv_out.weight):
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        h = F.silu(self.norm_out(self.blocks(self.conv_in(z))))
+        with torch.autocast(h.device.type, enabled=False):  # the image itself in fp32: bf16 would round it to 6 HU
+            return self.conv_out(h.float())

@@ -45,6 +45,8 @@ class Codec:
         self.device = torch.device(self.device)
         if self.precision is None:
             self.precision = choose(self.device)
+        # channels-last memory: encoder and decoder about 2-3x faster on CPU (benchmarks/results/whole_scan.json)
+        self.model.to(memory_format=torch.channels_last_3d)
 
     @classmethod
     def load(cls, path: str | Path, device="cpu", precision: Precision | None = None) -> tuple["Codec", dict]:
@@ -60,11 +62,12 @@ class Codec:
         return hu_to_unit(hu, self.window)
 
     @torch.no_grad()
-    def encode(self, hu, progress: bool = False) -> torch.Tensor:
-        """(X, Y, Z) HU (array or tensor) -> (1, C, x, y, z) float32 latent on the device."""
+    def encode(self, hu, progress: bool = False, overlap: float | None = None) -> torch.Tensor:
+        """(X, Y, Z) HU (array or tensor) -> (1, C, x, y, z) float32 latent on the device; `overlap` of the
+        encoding patches (None: the autoencoder's encode_overlap)."""
         x = self.to_unit(hu)[None, None].to(self.device)
         with self.precision.autocast(self.device):
-            return self.model.encode_volume(x, progress=progress).float()
+            return self.model.encode_volume(x, overlap, progress=progress).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, shape, progress: bool = False, chunk=None, halo=None) -> torch.Tensor:
@@ -73,3 +76,14 @@ class Codec:
             unit = self.model.decode_volume(z.to(self.device), shape=shape, progress=progress, chunk=chunk,
                                              halo=halo).float()
         return unit_to_hu(unit.cpu(), self.window)
+
+    @torch.no_grad()
+    def decode_difference(self, z: torch.Tensor, minus: torch.Tensor, shape, progress: bool = False, chunk=None,
+                          halo=None) -> torch.Tensor:
+        """HU(D(z)) - HU(D(minus)), (B, 1, X, Y, Z) float32 on the CPU, decoded as a pair chunk by chunk: chunks
+        whose latent context is the same in both are exactly zero without decoding."""
+        with self.precision.autocast(self.device):
+            diff = self.model.decode_volume(z.to(self.device), shape=shape, progress=progress, chunk=chunk, halo=halo,
+                                            minus=minus.to(self.device),
+                                            transform=lambda y: unit_to_hu(y.float(), self.window))
+        return diff.cpu()

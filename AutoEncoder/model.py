@@ -63,21 +63,30 @@ class PatchVolumeAutoencoder(nn.Module):
                                      mode="gaussian", padding_mode="constant", cval=AIR, progress=progress)
         return self.bottleneck.latent(h)
 
-    def decode_volume(self, z, shape=None, chunk=None, halo: int | None = None, progress: bool = False):
-        """Decode a latent volume, in chunks when it exceeds `chunk`; crop to `shape` (X, Y, Z)."""
+    def decode_volume(self, z, shape=None, chunk=None, halo: int | None = None, progress: bool = False,
+                      minus=None, transform=None):
+        """Decode a latent volume, in chunks when it exceeds `chunk`; crop to `shape` (X, Y, Z).
+
+        `transform` maps each decoded chunk (e.g. to HU). `minus`: a latent of z's shape whose decoding is
+        subtracted chunk by chunk, T(D(z)) - T(D(minus)), without either being kept whole; a chunk whose latent
+        context is identical in both is exactly zero and is not decoded (the decoder sees only that context)."""
         chunk = tuple(chunk or self.cfg.decode_chunk)
         halo = self.cfg.decode_halo if halo is None else halo
-        if all(s <= c for s, c in zip(z.shape[2:], chunk)):
-            out = self.decoder(z)
+        transform = transform or (lambda y: y)
+        if minus is None and all(s <= c for s, c in zip(z.shape[2:], chunk)):
+            out = transform(self.decoder(z))  # one pass (the training path: differentiable)
         else:
-            out = self._decode_chunked(z, chunk, halo, progress)
+            out = self._decode_chunked(z, chunk, halo, progress, minus, transform)
         if shape is not None:
             out = out[(...,) + tuple(slice(0, s) for s in shape)]
         return out
 
-    def _decode_chunked(self, z, chunk, halo, progress: bool = False):
+    def _decode_chunked(self, z, chunk, halo, progress: bool, minus, transform):
         from tqdm import tqdm
 
+        if minus is not None and minus.shape != z.shape:
+            raise ValueError(f"decoding a difference needs latents of one shape, got {tuple(z.shape)} and "
+                             f"{tuple(minus.shape)}")
         f = self.compression
         B = z.shape[0]
         out = None
@@ -86,12 +95,21 @@ class PatchVolumeAutoencoder(nn.Module):
         for start in tqdm(starts, desc="decode", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
             core = [slice(a, min(a + c, s)) for a, c, s in zip(start, chunk, z.shape[2:])]
             ctx = [slice(max(0, sl.start - halo), min(s, sl.stop + halo)) for sl, s in zip(core, z.shape[2:])]
-            y = self.decoder(z[(slice(None), slice(None)) + tuple(ctx)])
-            if out is None:
-                out = y.new_empty((B, y.shape[1]) + tuple(s * k for s, k in zip(z.shape[2:], f)))
+            window = (slice(None), slice(None)) + tuple(ctx)
             src = tuple(slice((c.start - x.start) * k, (c.stop - x.start) * k) for c, x, k in zip(core, ctx, f))
             dst = tuple(slice(c.start * k, c.stop * k) for c, k in zip(core, f))
-            out[(slice(None), slice(None)) + dst] = y[(slice(None), slice(None)) + src]
+            full = (B, 1) + tuple(s * k for s, k in zip(z.shape[2:], f))
+            if minus is not None and torch.equal(z[window], minus[window]):
+                if out is None:
+                    out = z.new_empty(full, dtype=torch.float32)
+                out[(slice(None), slice(None)) + dst] = 0
+                continue
+            y = transform(self.decoder(z[window])[(slice(None), slice(None)) + src])
+            if minus is not None:
+                y = y.float() - transform(self.decoder(minus[window])[(slice(None), slice(None)) + src]).float()
+            if out is None:
+                out = y.new_empty(full)
+            out[(slice(None), slice(None)) + dst] = y
         return out
 
     def reconstruct_volume(self, x, overlap: float | None = None):

@@ -1,6 +1,7 @@
 """Sampling a thin latent given the condition latent: the network, the latent space and a sampler."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from ddpm.latent_data import LatentSpace
 from ddpm.samplers import Sampler
 from thinslice.checkpoint import load_checkpoint
 from thinslice.config import from_stored
+from thinslice.precision import Precision
 
 
 def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -23,15 +25,22 @@ def pad_to_multiple(z: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return z, shape
 
 
-def whole_volume_denoiser(net, bf16: bool = False):
+def _autocast(precision: Precision | None, device):
+    return precision.autocast(device) if precision is not None else contextlib.nullcontext()
+
+
+def whole_volume_denoiser(net, precision: Precision | None = None):
+    """The network on the whole latent at once; `precision`: thinslice.precision's policy (None: fp32)."""
+
     def model(x, t, cond, spacing):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with _autocast(precision, x.device):
             return net(x, t, cond, spacing).float()
 
     return model
 
 
-def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: int = 4, bf16: bool = False):
+def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: int = 4,
+                            precision: Precision | None = None):
     """The network applied over latent windows (MONAI sliding window, Gaussian blending) at every
     denoising step, so whole scans sample in bounded memory. Batch size 1 (one scan at a time)."""
 
@@ -40,7 +49,7 @@ def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: i
 
         def predictor(win):
             n = win.shape[0]
-            with torch.autocast(win.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with _autocast(precision, win.device):
                 out = net(win[:, :channels], t[:1].expand(n), win[:, channels:], spacing[:1].expand(n, -1))
             return out.float()
 
@@ -53,8 +62,8 @@ def sliding_window_denoiser(net, window, overlap: float = 0.25, sw_batch_size: i
 
 @torch.no_grad()
 def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Tensor, spacing: torch.Tensor,
-                       steps: int, generator: torch.Generator | None = None, bf16: bool = False, progress=None,
-                       denoiser=None, extra: torch.Tensor | None = None):
+                       steps: int, generator: torch.Generator | None = None, precision: Precision | None = None,
+                       progress=None, denoiser=None, extra: torch.Tensor | None = None):
     """cond: (B, C, X, Y, Z) unscaled condition latent; spacing: (B, 2) mm. Returns the thin latent.
 
     `denoiser` (default: the whole volume at once) wraps the network, e.g. sliding_window_denoiser.
@@ -65,7 +74,7 @@ def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Te
     c, shape = pad_to_multiple(c, net.multiple)
     x_shape = (c.shape[0], cond.shape[1]) + tuple(c.shape[2:])
     noise = torch.randn(x_shape, generator=generator, device="cpu").to(c.device)
-    model = denoiser or whole_volume_denoiser(net, bf16)
+    model = denoiser or whole_volume_denoiser(net, precision)
     x0 = sampler.sample(model, x_shape, steps, generator=generator, device=c.device, noise=noise,
                         progress=progress, cond=c, spacing=spacing.to(c.device))
     x0 = x0[(slice(None), slice(None)) + tuple(slice(0, s) for s in shape)]

@@ -20,7 +20,8 @@ from ddpm.build import build_diffusion, build_unet, condition_input
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
                               read_index)
-from ddpm.generate import load_unet
+from ddpm.generate import load_unet, whole_volume_denoiser
+from ddpm.inferer import LatentInferer
 from ddpm.samplers import make_sampler
 from ddpm.validation import val_crops, validate
 from thinslice import loop, precision
@@ -215,9 +216,11 @@ class UNetTask:
 
     def validate(self) -> tuple[dict, torch.Tensor | None]:
         self.ema.module.eval()
-        return validate(self.ema.module, self.codec, self.space, self.val_sampler, self.vcrops,
-                        self.cfg.diffusion.sample_steps, self.ctx, self.bf16,
-                        self.compression if self.cfg.unet.cond_image else None)
+        net = self.ema.module
+        policy = precision.Precision(self.bf16, "unet_train.bf16 by the precision policy")
+        inferer = LatentInferer(self.codec, net, self.space, self.val_sampler, self.cfg.diffusion.sample_steps,
+                                whole_volume_denoiser(net, policy))
+        return validate(inferer, self.vcrops, self.ctx)
 
     def describe(self, m: dict) -> str:
         return (f"val PSNR {m['psnr']:.2f} dB (cubic {m['psnr_cubic']:.2f}, perfect U-Net {m['psnr_ceiling']:.2f}; "

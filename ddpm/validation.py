@@ -17,8 +17,8 @@ import torch
 
 from dataset.cache import load_case
 from dataset.intensity import unit_to_hu
-from ddpm.generate import sample_thin_latent
-from ddpm.latent_data import LatentCase, LatentSpace, space_to_depth
+from ddpm.inferer import LatentInferer
+from ddpm.latent_data import LatentCase
 from thinslice.images import midplane_panel
 from thinslice.metrics import psnr
 
@@ -61,30 +61,27 @@ def val_crops(cases: list[LatentCase], cache: Path, size, compression, window) -
 
 
 @torch.no_grad()
-def validate(net, codec, space: LatentSpace, sampler, crops: list[ValCrop], steps: int, ctx, bf16: bool,
-             cond_image_factor=None):
-    """Crops sharded over ranks, sums all-reduced: every rank returns the same figures.
-    `cond_image_factor`: the compression, when the network also reads the cubic crop (unet.cond_image)."""
+def validate(inferer: LatentInferer, crops: list[ValCrop], ctx):
+    """Crops sharded over ranks, sums all-reduced: every rank returns the same figures. Sampled, conditioned
+    and decoded by the inferer interpolation uses, so the curve scores what evaluation/interpolate.py writes."""
     sums = torch.zeros(6, dtype=torch.float64)
     panel = None
     for k, vc in enumerate(crops):
         if k % ctx.world != ctx.rank:
             continue
         gen = torch.Generator().manual_seed(1234 + k)
-        extra = None
-        if cond_image_factor is not None:
-            extra = space_to_depth(codec.to_unit(vc.cubic_hu), cond_image_factor, vc.cond.shape[2:])
-        z = sample_thin_latent(net, space, sampler, vc.cond.to(ctx.device), vc.spacing, steps, gen, bf16,
-                               extra=None if extra is None else extra.to(ctx.device))
+        cond = inferer.condition(vc.cubic_hu, latent=vc.cond)
+        z = inferer.sample(cond, vc.spacing, gen)
         shape = vc.truth_hu.shape[2:]
-        direct_hu, recon_hu, cond_hu = (codec.decode(v, shape) for v in (z, vc.thin, vc.cond))
-        ours_hu = vc.cubic_hu + direct_hu - cond_hu
-        ceiling_hu = vc.cubic_hu + recon_hu - cond_hu  # a perfect U-Net, decoded the same way
+        thin = vc.thin.to(z)
+        ours_hu = vc.cubic_hu + inferer.residual(z, cond.latent, shape)
+        ceiling_hu = vc.cubic_hu + inferer.residual(thin, cond.latent, shape)  # a perfect U-Net, decoded the same way
+        direct_hu, recon_hu = inferer.decode(torch.cat([z, thin]), shape).split(1)
         sums += torch.tensor([psnr(ours_hu, vc.truth_hu), psnr(vc.cubic_hu, vc.truth_hu),
                               psnr(recon_hu, vc.truth_hu), psnr(direct_hu, vc.truth_hu), 1.0,
                               psnr(ceiling_hu, vc.truth_hu)], dtype=torch.float64)
         if panel is None:
-            panel = midplane_panel(codec.to_unit(vc.truth_hu[0, 0]), codec.to_unit(ours_hu[0, 0]))
+            panel = midplane_panel(inferer.codec.to_unit(vc.truth_hu[0, 0]), inferer.codec.to_unit(ours_hu[0, 0]))
     sums = ctx.all_reduce_sum(sums).cpu()
     n = max(1.0, float(sums[4]))
     return {"psnr": float(sums[0]) / n, "psnr_cubic": float(sums[1]) / n, "psnr_ae_ceiling": float(sums[2]) / n,

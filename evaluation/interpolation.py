@@ -27,8 +27,8 @@ from AutoEncoder.model import PatchVolumeAutoencoder
 from dataset.intensity import to_int16_hu
 from dataset.thick import enforce_slab_consistency, grid_slab_weights, slab_residual, thin_grid
 from dataset.volume import CTVolume
-from ddpm.generate import load_unet, sample_thin_latent, sliding_window_denoiser
-from ddpm.latent_data import space_to_depth
+from ddpm.generate import load_unet, sliding_window_denoiser
+from ddpm.inferer import LatentInferer
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
 from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapter
@@ -51,6 +51,25 @@ def output_grid(thick: CTVolume, spacing: float) -> ThinGrid:
         raise ValueError(f"output spacing {spacing:g} mm is not finer than the input's {thick.slice_spacing:g} mm")
     affine, n = thin_grid(thick, spacing)
     return ThinGrid(affine, thick.shape[:2] + (n,), spacing, grid_slab_weights(n, spacing, thick))
+
+
+BODY_HU = -500.0  # above this a voxel is body (or table), not air
+
+
+def body_box(cubic: np.ndarray, margin: int | None, threshold: float = BODY_HU) -> tuple[slice, slice, slice]:
+    """The in-plane bounding box of every voxel above `threshold` in any slice, widened by `margin` voxels: where
+    the latent model and the adapter run. The whole volume when `margin` is None or nothing is above it."""
+    whole = tuple(slice(0, n) for n in cubic.shape)
+    if margin is None:
+        return whole
+    columns = (cubic > threshold).any(axis=2)
+    if not columns.any():
+        return whole
+    box = []
+    for axis, n in ((0, cubic.shape[0]), (1, cubic.shape[1])):
+        idx = np.flatnonzero(columns.any(axis=1 - axis))
+        box.append(slice(max(0, int(idx[0]) - margin), min(n, int(idx[-1]) + 1 + margin)))
+    return box[0], box[1], whole[2]
 
 
 NO_UNET = "none"  # --unet none: the per-scan adapter and the consistency step only, no latent model
@@ -82,6 +101,14 @@ class Models:
     def codec(self) -> Codec:
         return Codec(self.autoencoder, self.window, self.device, self.precision)
 
+    def inferer(self, cfg: InterpolateConfig) -> LatentInferer:
+        """The latent pipeline as this config runs it: its sampler and steps, the U-Net over sliding windows."""
+        s = self.sampling
+        window = cfg.window or tuple(self.unet_config.unet_train.crop_size)
+        return LatentInferer(self.codec, self.unet, self.space, make_sampler(s.sampler, self.diffusion, eta=s.eta),
+                             s.sample_steps, sliding_window_denoiser(self.unet, window, cfg.overlap, cfg.sw_batch_size,
+                                                                     self.precision), cfg.encode_overlap)
+
     @classmethod
     def load(cls, autoencoder: str | Path, unet: str | Path, device, policy: Precision | None = None,
              sampling: DiffusionConfig | None = None) -> "Models":
@@ -106,10 +133,11 @@ class Interpolation:
     mean: np.ndarray  # ours before the consistency step (mean over samples)
     std: np.ndarray | None
     output: np.ndarray  # what is written: consistent (if enabled), float HU
-    offset: np.ndarray | float  # added to every decoded latent: base - D(z_cubic) (residual decoding) or 0
+    cond: torch.Tensor | None  # the condition latent residual decoding subtracts (None: direct decoding, no latent)
     seconds: dict = field(default_factory=dict)
     adaptation: np.ndarray | None = None  # what per-scan adaptation added to cubic (base = cubic + this)
     adapt_info: dict | None = None
+    box: tuple = (slice(None),) * 3  # where the latent model and the adapter ran (body_box); cubic outside
 
 
 def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch.Tensor:
@@ -134,12 +162,14 @@ def decode_halo(models: "Models", cfg: InterpolateConfig) -> int:
     return own if cfg.decode_halo is None else min(own, cfg.decode_halo)
 
 
-def decode_chunk_for(models: "Models", shape, max_memory_gb: float, halo: int) -> tuple[int, int, int]:
-    """The split of the latent into chunks that decodes the fewest voxels (chunks and their halos) while one
-    chunk fits the memory left once the output-sized arrays of this scan are counted."""
+def decode_chunk_for(models: "Models", shape, max_memory_gb: float, halo: int, output_shape=None) -> tuple[int, int, int]:
+    """The split of the latent of `shape` (image voxels) into chunks that decodes the fewest voxels (chunks and
+    their halos) while one chunk fits the memory left once the output-sized arrays (`output_shape`, default
+    `shape`) of this scan are counted."""
     f = models.autoencoder.compression
     latent = [int(np.ceil(s / k)) for s, k in zip(shape, f)]
-    left = max_memory_gb - RUNTIME_GB - OUTPUT_ARRAYS * 4 * float(np.prod(shape)) / 2**30
+    arrays = float(np.prod(output_shape or shape))
+    left = max_memory_gb - RUNTIME_GB - OUTPUT_ARRAYS * 4 * arrays / 2**30
     fits = max(left, 0.25) * 2**30 / (DECODER_BYTES_PER_VOXEL[bool(models.precision.bf16)] * float(np.prod(f)))
     best = None
     for split in itertools.product(*(range(1, max(2, n // 4 + 1)) for n in latent)):
@@ -172,7 +202,6 @@ class Stages:
 def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True,
                 stage: Stages | None = None, adapter: tuple | None = None) -> Interpolation:
     """`adapter`: (network, info) of an adaptation already fitted to the whole scan (tiled runs fit it once)."""
-    bf16 = models.precision.bf16
     stage = stage or Stages(progress)
     t0 = time.perf_counter()
     adapt = cfg.adapt_steps > 0
@@ -187,42 +216,46 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     cubic = thick.sample_at(grid.affine, grid.shape, order=3)
     if models.unet is None:
         return adapted_only(thick, grid, cubic, models, cfg, progress, stage, adapter, adapt, t0)
-    stage("encode the condition (autoencoder, patch-wise)")
-    cond = encode_hu(models, cubic, progress)
+    t_res = time.perf_counter()
+    box = body_box(cubic, cfg.body_margin)
+    inner = np.ascontiguousarray(cubic[box])
+    inferer = models.inferer(cfg)
+    stage(f"encode the condition (autoencoder, patch-wise; the body's box {'x'.join(map(str, inner.shape))})")
+    cond = inferer.condition(inner, progress)
+    del inner
     t_enc = time.perf_counter()
-    s = models.sampling
-    name, steps = s.sampler, s.sample_steps
-    sampler = make_sampler(name, models.diffusion, eta=s.eta)
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
-    window = cfg.window or tuple(models.unet_config.unet_train.crop_size)
-    denoiser = sliding_window_denoiser(models.unet, window, cfg.overlap, cfg.sw_batch_size, bf16)
-    extra = None
-    if models.unet.cond_channels > models.unet.latent_channels:  # unet.cond_image: the cubic volume, losslessly
-        unit = models.codec.to_unit(cubic)[None, None]
-        extra = space_to_depth(unit, models.autoencoder.compression, cond.shape[2:])
-        del unit
 
-    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt)
+    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
+    t_adapt = time.perf_counter()
     base = cubic if adaptation is None else cubic + adaptation
-    if cfg.decode == "residual":
-        stage("decode the condition (residual decoding subtracts it)")
     halo = decode_halo(models, cfg)
-    chunk = decode_chunk_for(models, grid.shape, cfg.max_memory_gb, halo)
-    offset = (base - decode_hu(models, cond, grid.shape, progress, chunk, halo)).astype(np.float32) \
-        if cfg.decode == "residual" else 0.0
-    del base
+    shape = tuple(len(range(n)[b]) for n, b in zip(cubic.shape, box))
+    chunk = decode_chunk_for(models, shape, cfg.max_memory_gb, halo, grid.shape)
     total = total_sq = None
+    seconds = {"sample": 0.0, "decode": 0.0}
     for s in range(cfg.samples):
+        t_s = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed + s)
         bar = (lambda it: tqdm(it, desc=f"sample {s + 1}/{cfg.samples}", unit="step", leave=False)) if progress else None
-        stage(f"sample the thin latent ({steps} {name.upper()} steps" + (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
-        z = sample_thin_latent(models.unet, models.space, sampler, cond, spacing, steps, gen, bf16, bar, denoiser, extra)
-        stage("decode")
-        hu = decode_hu(models, z, grid.shape, progress, chunk, halo) + offset
+        stage(f"sample the thin latent ({inferer.steps} {models.sampling.sampler.upper()} steps" +
+              (f", sample {s + 1} of {cfg.samples})" if cfg.samples > 1 else ")"))
+        z = inferer.sample(cond, spacing, gen, bar)
+        t_d = time.perf_counter()
+        hu = base.copy()
+        if cfg.decode == "residual":
+            stage("decode what the sample changes: D(sample) - D(condition), chunk by chunk")
+            hu[box] += inferer.residual(z, cond.latent, shape, progress, chunk, halo)[0, 0].numpy()
+        else:
+            stage("decode")
+            hu[box] = inferer.decode(z, shape, progress, chunk, halo)[0, 0].numpy()
+        seconds["sample"] += t_d - t_s
+        seconds["decode"] += time.perf_counter() - t_d
         total = hu if total is None else total + hu
         if cfg.samples > 1:
             sq = hu.astype(np.float64) ** 2  # float64: E[x^2] - E[x]^2 cancels badly in float32
             total_sq = sq if total_sq is None else total_sq + sq
+    del base
     mean = total / cfg.samples
     del total
     std = np.sqrt(np.clip(total_sq / cfg.samples - mean**2, 0, None)).astype(np.float32) if cfg.samples > 1 else None
@@ -232,17 +265,18 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage("slab consistency")
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    seconds = {"encode": t_enc - t0, "sample_decode": t_sample - t_enc, "consistency": t_end - t_sample,
-               "total": t_end - t0}
+    seconds = {"resample": t_res - t0, "encode": t_enc - t_res, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
     if adapt_info:
-        seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
-        seconds["sample_decode"] -= seconds["adapt"]
-    return Interpolation(grid, cubic, mean, std, output, offset, seconds, adaptation, adapt_info)
+        seconds = {"adapt": t_adapt - t_enc, **seconds}
+    return Interpolation(grid, cubic, mean, std, output, cond.latent if cfg.decode == "residual" else None, seconds,
+                         adaptation, adapt_info, box)
 
 
 def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: InterpolateConfig, progress: bool,
-                stage: Stages, adapter: tuple | None, adapt: bool) -> tuple[np.ndarray | None, dict | None]:
-    """What the per-scan adapter adds to cubic (None when off), fitted here unless `adapter` was given."""
+                stage: Stages, adapter: tuple | None, adapt: bool, box=None) -> tuple[np.ndarray | None, dict | None]:
+    """What the per-scan adapter adds to cubic (None when off) inside `box` (zero outside), fitted here unless
+    `adapter` was given."""
+    box = box or body_box(cubic, cfg.body_margin)
     fitted_here = adapter is None
     if not fitted_here:
         adapt = cfg.adapt_steps > 0
@@ -257,7 +291,9 @@ def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: Interpo
     t_ref = time.perf_counter()
     if adapt_info["use"]:
         stage("refine coronal and sagittal planes with the adapted network")
-        adaptation = refine(net, cubic, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - cubic
+        adaptation = np.zeros_like(cubic)
+        inner = np.ascontiguousarray(cubic[box])
+        adaptation[box] = refine(net, inner, cfg.spacing_mm, thick.thickness, models.precision, progress=progress) - inner
     else:
         adaptation = np.zeros_like(cubic)
         print(f"adaptation not used: on held-out in-plane pairs of this scan it gave L1 "
@@ -279,12 +315,13 @@ def adapted_only(thick: CTVolume, grid: ThinGrid, cubic: np.ndarray, models: Mod
     seconds = {"consistency": t_end - t_mid, "total": t_end - t0}
     if adapt_info:
         seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
-    return Interpolation(grid, cubic, mean, None, output, 0.0, seconds, adaptation, adapt_info)
+    return Interpolation(grid, cubic, mean, None, output, None, seconds, adaptation, adapt_info,
+                         body_box(cubic, cfg.body_margin))
 
 
 def fit_adapter(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> tuple:
     settings = AdaptSettings(steps=cfg.adapt_steps, crop=cfg.adapt_crop, seed=cfg.seed)
-    return train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress)
+    return train_adapter(thick, cfg.spacing_mm, settings, models.precision, progress, models.device)
 
 
 # thin slices the adapter's 2D CNN sees on each side (8 layers of 3x3 convolutions)
@@ -395,13 +432,17 @@ def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -
     return {"mean_abs_hu": float(r.mean()), "max_abs_hu": float(r.max())}
 
 
-def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> np.ndarray:
-    """What a perfect U-Net would give: the true thin scan's latent, decoded the way ours was.
+def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> np.ndarray | None:
+    """What a perfect U-Net would give: the true thin scan's latent, decoded the way ours was (cubic plus what
+    it changes against the condition).
 
     Scored next to ours, it tells whether the autoencoder or the U-Net limits the result: when this
     is no better than cubic, no amount of U-Net training can beat cubic with this autoencoder.
     """
-    if models.autoencoder is None:
+    if models.autoencoder is None or res.cond is None:
         return None
-    offset = res.offset if res.adaptation is None else res.offset - res.adaptation  # relative to cubic
-    return (decode_hu(models, encode_hu(models, truth_hu), res.grid.shape) + offset).astype(np.float32)
+    inferer = models.inferer(InterpolateConfig())
+    truth = np.ascontiguousarray(truth_hu[res.box])
+    ceiling = res.cubic.astype(np.float32)
+    ceiling[res.box] += inferer.residual(inferer.codec.encode(truth), res.cond, truth.shape)[0, 0].numpy()
+    return ceiling

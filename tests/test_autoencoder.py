@@ -243,3 +243,28 @@ def test_kl_resume_draws_what_the_uninterrupted_run_draws(bundled_cache, tmp_pat
     assert [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5, abs=1e-7)
+
+
+def test_difference_decoding_equals_two_decodes_and_skips_only_untouched_chunks(chest_block, monkeypatch):
+    """Residual decoding's pair pass: T(D(z)) - T(D(cond)) chunk by chunk equals the two whole decodes, and a
+    chunk is skipped (no decoder call) exactly when its latent context is the same in both."""
+    from dataset.intensity import hu_to_unit, unit_to_hu
+
+    m = tiny_model()
+    x = hu_to_unit(torch.from_numpy(chest_block.array.astype("float32")))[None, None]
+    to_hu = lambda y: unit_to_hu(y.float())
+    with torch.no_grad():
+        cond = m.encode_volume(x)  # (24, 24, 10) latent
+        z = cond.clone()
+        z[..., 2:4, 2:4, 1:3] += 0.5  # the sample changed one corner only
+        whole = to_hu(m.decode_volume(z, chunk=(64,) * 3)) - to_hu(m.decode_volume(cond, chunk=(64,) * 3))
+        calls = []
+        real = m.decoder.forward
+        monkeypatch.setattr(m.decoder, "forward", lambda t: calls.append(t.shape) or real(t))
+        pair = m.decode_volume(z, chunk=(8, 8, 5), minus=cond, transform=to_hu)  # the model's halo, 12
+    assert pair.shape == whole.shape
+    torch.testing.assert_close(pair, whole, atol=1e-2, rtol=0)  # HU: float rounding only
+    assert float(whole.abs().max()) > 1.0  # the change reaches the image
+    # of 3 x 3 x 2 chunks, those whose context (core +- 12 latent voxels) holds the change: x and y in
+    # chunks 0 and 8, z in both; each is decoded twice (z and cond), the other 10 not at all
+    assert len(calls) == 2 * (2 * 2 * 2)

@@ -150,7 +150,7 @@ def test_every_stage_announces_itself_and_quiet_silences_them(weights, tmp_path,
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[")]
     stages = [line.split("] ", 1)[1].split(" ")[0] for line in lines]
-    assert stages[:4] == ["read", "resample", "encode", "decode"] and "write" in stages
+    assert stages[:5] == ["read", "resample", "encode", "sample", "decode"] and "write" in stages
     assert float(lines[0][1:].split(" s")[0]) < 10  # the first line comes at once
     assert run(weights, THICK, tmp_path / "quiet", "--quiet") == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]

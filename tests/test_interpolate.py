@@ -170,7 +170,7 @@ def test_cli_interpolates_the_held_out_case_and_reports_against_linear_and_cubic
 def test_residual_decoding_passes_on_only_what_the_network_changed(weights, chest_block, monkeypatch):
     """A sampler that returns the condition unchanged must give back cubic exactly: the autoencoder's own
     reconstruction error cancels. Direct decoding of the same latent gives the (untrained) autoencoder's blur."""
-    monkeypatch.setattr("evaluation.interpolation.sample_thin_latent", lambda net, space, sampler, cond, *a, **k: cond)
+    monkeypatch.setattr("ddpm.inferer.sample_thin_latent", lambda net, space, sampler, cond, *a, **k: cond)
     models = Models.load(*weights, torch.device("cpu"))
     thick = simulate_thick(chest_block, 5.0, 5.0)
     cfg = Config().interpolate.model_copy(update={"consistency": False, "window": (16, 16, 8), "adapt_steps": 0})
@@ -283,3 +283,27 @@ def test_a_tiled_run_writes_what_the_whole_run_writes(weights, tmp_path):
     assert np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 8
     (info,) = json.loads((tmp_path / "tiled" / "cases.json").read_text())
     assert info["tiles"] == 4 and info["consistency_residual"]["mean_abs_hu"] < 0.5
+
+
+def test_the_latent_model_and_the_adapter_run_on_the_body_box_and_leave_the_air_around_it_cubic(weights, chest):
+    """The bundled chest is the whole field of view (air around the body): the box holds every voxel above
+    -500 HU plus the margin, is smaller than the scan, and outside it ours before the projection is cubic."""
+    from evaluation.interpolation import BODY_HU
+
+    models = Models.load(*weights, torch.device("cpu"))
+    thick = simulate_thick(chest, 5.0, 5.0)
+    cfg = Config().interpolate.model_copy(update={"consistency": False, "adapt_steps": 30, "adapt_crop": 32})
+    res = interpolate(thick, models, cfg, progress=False)
+    bx, by, bz = res.box
+    assert bz == slice(0, res.grid.shape[2])
+    assert (bx.stop - bx.start) * (by.stop - by.start) < 0.9 * res.grid.shape[0] * res.grid.shape[1]
+    outside = np.ones(res.grid.shape, bool)
+    outside[res.box] = False
+    assert res.cubic[outside].max() <= BODY_HU  # nothing of the body is left out...
+    body = np.argwhere((res.cubic > BODY_HU).any(axis=2))
+    assert body[:, 0].min() - bx.start == 32 or bx.start == 0  # ...and the margin is there
+    assert by.stop - 1 - body[:, 1].max() == 32 or by.stop == res.grid.shape[1]
+    np.testing.assert_array_equal(res.mean[outside], res.cubic[outside])
+    assert np.abs(res.mean[res.box] - res.cubic[res.box]).mean() > 0.1  # the box is where the work is
+    whole = interpolate(thick, models, cfg.model_copy(update={"body_margin": None}), progress=False)
+    assert whole.box == tuple(slice(0, n) for n in res.grid.shape)

@@ -115,7 +115,7 @@ def test_interpolation_feeds_the_cubic_volume_to_a_cond_image_unet(thick_only, t
         seen["extra"], seen["cond"] = extra, cond
         return real(net, space, sampler, cond, spacing, steps, *args, **kwargs)
 
-    monkeypatch.setattr("evaluation.interpolation.sample_thin_latent", spy)
+    monkeypatch.setattr("ddpm.inferer.sample_thin_latent", spy)
     out = tmp_path / "out"
     assert interpolate_main(["--input", str(THICK), "--output", str(out), "--autoencoder", str(tiny_ae_checkpoint),
                              "--unet", str(tmp_path / "run" / "checkpoints" / "step_00000001.pt"), "--adapt", "0",

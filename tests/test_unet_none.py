@@ -51,7 +51,7 @@ def test_unet_none_is_cubic_plus_adapter_plus_consistency(block):
     expected = enforce_slab_consistency(adapted, thick.array, grid.weights)
     np.testing.assert_allclose(res.output, expected, atol=1e-3)
     np.testing.assert_allclose(res.adaptation, adapted - cubic, atol=1e-3)
-    assert "encode" not in res.seconds and "sample_decode" not in res.seconds
+    assert "encode" not in res.seconds and "sample" not in res.seconds
 
 
 def test_weights_are_looked_up_from_any_folder_and_the_error_names_every_place(tmp_path, monkeypatch):

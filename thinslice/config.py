@@ -309,6 +309,12 @@ class InterpolateConfig(_Strict):
     # 600: about 1 min on a 2-core CPU, +1.3..+1.5 dB over cubic + consistency on three held-out chest crops
     adapt_steps: int = Field(600, ge=0)
     adapt_crop: int = Field(64, ge=16)
+    # the latent model and the adapter work on the body's bounding box (voxels above -500 HU, widened by this many
+    # voxels in-plane); outside it the output is cubic (air), then projected like everything else. None: the whole
+    # field of view. The body of a chest CT fills about half of it
+    body_margin: int | None = Field(32, ge=0)
+    # patch overlap of the condition's encoding (None: the autoencoder's own encode_overlap)
+    encode_overlap: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _adapt(self):
