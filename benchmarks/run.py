@@ -175,46 +175,23 @@ def models_for_benchmark(a):
         f"untrained {a.ae_config} + {a.unet_config}"
 
 
-def synthetic_thick(shape_thin):
-    """A thick scan whose 1 mm output grid has shape_thin: 5 mm slabs, 0.7 mm pixels, body-like HU."""
-    from dataset.volume import CTVolume
-
-    nx, ny, nz = shape_thin
-    g = np.random.default_rng(0)
-    arr = g.normal(0, 200, (nx, ny, nz // 5)).astype(np.float32) - 300
-    affine = np.diag([0.7, 0.7, 5.0, 1.0])
-    return CTVolume(arr, affine, slice_thickness=5.0)
-
-
 def bench_interpolate(a) -> dict:
-    """What evaluation/interpolate.py does to one scan with its defaults (adaptation, 1 DDIM step, memory
-    limit), with the time of each stage (the profile) and the ratio to plain cubic resampling."""
-    from thinslice.config import InterpolateConfig
-    from evaluation.interpolation import interpolate, output_grid
+    """The command line's own path (reader, planner, tiles, writer) on a whole real scan, through
+    benchmarks/whole_scan.py: what a user's `thinslice-interpolate --input SCAN` costs, stage by stage."""
+    import tempfile
 
-    models, weights = models_for_benchmark(a)
-    thick = synthetic_thick(a.shape)
-    if a.sample_steps:
-        models.sampling = models.sampling.model_copy(update={"sample_steps": a.sample_steps})
-    cfg = InterpolateConfig(**({} if a.adapt is None else {"adapt_steps": a.adapt}))
-    if a.device == "cuda":
-        interpolate(synthetic_thick((64, 64, 40)), models, cfg, progress=False)  # CUDA context and kernels
-    grid = output_grid(thick, cfg.spacing_mm)
-    t0 = time.perf_counter()
-    thick.sample_at(grid.affine, grid.shape, order=3)
-    cubic_s = time.perf_counter() - t0
-    with Peak(a.device) as peak:
-        t0 = time.perf_counter()
-        res = interpolate(thick, models, cfg, progress=False)
-        sync(a.device)
-        dt = time.perf_counter() - t0
-    steps = models.sampling.sample_steps
-    return {"what": "interpolate one thick scan (cubic, encode, adapt, DDIM, decode, consistency)", "weights": weights,
-            "input_shape": list(thick.shape), "output_shape": list(res.grid.shape), "sample_steps": steps,
-            "adapt_steps": cfg.adapt_steps, "max_memory_gb": cfg.max_memory_gb,
-            "seconds": round(dt, 2), "stages_s": {k: round(v, 2) for k, v in res.seconds.items()},
-            "cubic_seconds": round(cubic_s, 2), "ratio_to_cubic": round(dt / max(cubic_s, 1e-6)),
-            "output_voxels_per_s": round(int(np.prod(res.grid.shape)) / dt), "peak_gib": round(peak.gib, 2)}
+    from whole_scan import DEFAULT_INPUT, record, run_cli
+
+    scan = Path(a.scan) if a.scan else DEFAULT_INPUT
+    if not scan.exists():
+        return {"what": "interpolate a whole real scan", "skipped": f"{scan} not found"}
+    extra = ["--device", a.device] + (["--adapt", str(a.adapt)] if a.adapt is not None else []) + \
+        (["--steps", str(a.sample_steps)] if a.sample_steps else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, first = run_cli(scan, Path(tmp) / "out", extra)
+        row = record(Path(tmp) / "out", wall, first, scan, extra)
+    row.pop("stages")
+    return {"what": "interpolate a whole real scan through the command line (defaults, shipped weights)", **row}
 
 
 def bench_latents(a) -> dict:
@@ -247,7 +224,7 @@ def plan(a) -> list[list[str]]:
     """The measurements for this device: (bench, extra arguments)."""
     cpu = a.device == "cpu"
     jobs = [["ae_step"], ["unet_step"], ["latents", "--shape", "256", "256", "150"],
-            ["interpolate", "--shape", "256", "256", "150"], ["interpolate", "--shape", "512", "512", "300"]]
+            ["interpolate"]]
     if not cpu:
         jobs += [["unet_step", "--compile"], ["unet_step", "--channels-last"], ["unet_step", "--compile", "--channels-last"],
                  ["latents", "--shape", "512", "512", "300"]]
@@ -266,6 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--latent-channels", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=None, help="default: interpolation's (diffusion.sample_steps, 1)")
     p.add_argument("--adapt", type=int, default=None, help="adaptation steps (default: interpolation's, 600)")
+    p.add_argument("--scan", default=None, help="the interpolate row's real scan (default: benchmarks/whole_scan.py's)")
     p.add_argument("--untrained", action="store_true", help="ignore pretrained/ (benchmark the configs' models)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -295,6 +273,7 @@ def main(argv=None) -> int:
     shared += ["--sample-steps", str(a.sample_steps)] if a.sample_steps else []
     shared += ["--adapt", str(a.adapt)] if a.adapt is not None else []
     shared += ["--untrained"] if a.untrained else []
+    shared += ["--scan", a.scan] if a.scan else []
     rows = []
     for bench, *extra in plan(a):
         if a.only and bench not in a.only:

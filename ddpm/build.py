@@ -25,11 +25,14 @@ def build_unet(cfg: Config, latent_channels: int, compression=None) -> LatentUNe
 
 def condition_input(space: LatentSpace, cond: torch.Tensor, cond_image: torch.Tensor | None, compression) -> torch.Tensor:
     """What the network is conditioned on: the scaled condition latent, then (cond_image) the cubic volume
-    space-to-depth on the latent grid."""
+    space-to-depth on the latent grid. Training passes the image; sampling (ddpm.inferer) its space-to-depth."""
+    extra = None if cond_image is None else space_to_depth(cond_image.to(cond.dtype), compression, cond.shape[2:])
+    return network_condition(space, cond, extra)
+
+
+def network_condition(space: LatentSpace, cond: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     c = space.condition(cond)
-    if cond_image is None:
-        return c
-    return torch.cat([c, space_to_depth(cond_image.to(c.dtype), compression, c.shape[2:])], 1)
+    return c if extra is None else torch.cat([c, extra.to(c)], dim=1)
 
 
 def build_diffusion(cfg: Config) -> GaussianDiffusion:

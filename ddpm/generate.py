@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
-from ddpm.build import build_unet
+from ddpm.build import build_unet, network_condition
 from ddpm.latent_data import LatentSpace
 from ddpm.samplers import Sampler
 from thinslice.checkpoint import load_checkpoint
@@ -68,9 +68,7 @@ def sample_thin_latent(net, space: LatentSpace, sampler: Sampler, cond: torch.Te
 
     `denoiser` (default: the whole volume at once) wraps the network, e.g. sliding_window_denoiser.
     `extra`: more condition channels on the latent grid (the space-to-depth cubic of unet.cond_image)."""
-    c = space.condition(cond)
-    if extra is not None:
-        c = torch.cat([c, extra.to(c)], dim=1)
+    c = network_condition(space, cond, extra)
     c, shape = pad_to_multiple(c, net.multiple)
     x_shape = (c.shape[0], cond.shape[1]) + tuple(c.shape[2:])
     noise = torch.randn(x_shape, generator=generator, device="cpu").to(c.device)
