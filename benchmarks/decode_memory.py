@@ -4,7 +4,8 @@
 
 The autoencoder is pretrained/autoencoder.pt (--autoencoder; "default" for an untrained default
 AutoencoderConfig). peak_bytes_per_voxel (peak over output voxels) sets evaluation/interpolation.py's
-DECODER_BYTES_PER_VOXEL: 396..452 bf16, 530 fp32 for the shipped 4x4x2 autoencoder, one pass at latent 48^3..64^3.
+DECODER_BYTES_PER_VOXEL: 200 bf16, 397 fp32 for the shipped 4x4x2 autoencoder in channels-last memory (as the
+codec runs it), one pass at latent 64^3 (396..452 and 530 before channels-last).
 
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS growth
 (ru_maxrss), measured in a fresh subprocess per setting so runs do not mask each other.
@@ -32,6 +33,7 @@ def one(shape, chunk, device, bf16, autoencoder):
         model = PatchVolumeAutoencoder(AutoencoderConfig()).to(device).eval()
     else:
         model = load_autoencoder(autoencoder, device)[0]
+    model.to(memory_format=torch.channels_last_3d)  # as AutoEncoder.codec.Codec runs it
     z = torch.randn(1, model.cfg.latent_channels, *[s // k for s, k in zip(shape, model.compression)], device=device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":

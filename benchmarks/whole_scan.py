@@ -31,8 +31,13 @@ STAGE = re.compile(r"^\[\s*([\d.]+) s, peak\s+([\d.]+) GB\] (.*)$")
 
 
 def stage_lines(log: str) -> list[dict]:
-    return [{"at_s": float(m[1]), "what": m[3]} for line in log.replace("\r", "\n").splitlines()
-            if (m := STAGE.match(line))]
+    """The command's stage lines, each with its start and how long it took (until the next line; the last one,
+    writing the output, has none)."""
+    lines = [{"at_s": float(m[1]), "what": m[3]} for line in log.replace("\r", "\n").splitlines()
+             if (m := STAGE.match(line))]
+    for a, b in zip(lines, lines[1:]):
+        a["seconds"] = round(b["at_s"] - a["at_s"], 1)
+    return lines
 
 
 def max_rss_gib(time_log: str) -> float | None:

@@ -144,9 +144,10 @@ def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch
     return models.codec.encode(hu, progress)
 
 
-# Peak of the decoder per output voxel of one chunk with its halo, measured on the shipped 4x4x2 autoencoder
-# (benchmarks/decode_memory.py): 396..452 bytes in bf16, 530 in fp32 (latent 48^3 and 64^3); rounded up.
-DECODER_BYTES_PER_VOXEL = {True: 480, False: 600}
+# Peak of the decoder per output voxel of one chunk with its halo, measured on the shipped 4x4x2 autoencoder in
+# channels-last memory as the codec runs it (benchmarks/decode_memory.py, latent 64^3): 200 bytes in bf16, 397 in
+# fp32 (396..452 and 530 before channels-last); rounded up.
+DECODER_BYTES_PER_VOXEL = {True: 240, False: 480}
 RUNTIME_GB = 1.5  # python, torch, the models
 # output-sized float32 arrays alive at the peak (cubic, adaptation, offset, the decoder's full output and its HU,
 # the running mean, the output, the consistency step's temporaries): 512x512x300 peaked at 9.96 GiB with 7 here
