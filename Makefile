@@ -7,7 +7,7 @@ DEMO   ?= outputs/demo
 # time in the kernel faulting in fresh pages; this made a decode chunk 25 % faster at the same peak memory
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: setup demo demo-pretrained test test-all benchmark clean
+.PHONY: setup demo demo-pretrained test test-all benchmark reproduce clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,21 @@ demo: setup
 # the same without training: interpolate the held-out chest with the shipped weights in pretrained/
 demo-pretrained: setup
 	$(BIN)/python -m evaluation.demo --output $(DEMO)-pretrained --pretrained
+
+# the shipped weights again, from a folder of CT (config/cpu.yaml: the shipped run's cases and sizes): prepare,
+# autoencoder, latents, U-Net, export, score the held-out test split. Every step resumes when rerun.
+# TRAIN_ARGS (e.g. --max-steps 2) goes to both trainers: a quick check of the chain, not the weights.
+DATA   ?=
+RUN    ?= runs/reproduce
+TRAIN_ARGS ?=
+reproduce: setup
+	@test -n "$(DATA)" || { echo "usage: make reproduce DATA=FOLDER_OF_CT [RUN=runs/reproduce]"; exit 2; }
+	$(BIN)/thinslice-prepare --input $(DATA) --output $(RUN)/cache --config config/cpu.yaml
+	$(BIN)/thinslice-train-autoencoder --config config/cpu.yaml --cache $(RUN)/cache --output $(RUN)/ae $(TRAIN_ARGS)
+	$(BIN)/thinslice-latents --cache $(RUN)/cache --checkpoint $(RUN)/ae/checkpoints/best.pt --output $(RUN)/latents --config config/cpu.yaml
+	$(BIN)/thinslice-train-unet --config config/cpu.yaml --latents $(RUN)/latents --output $(RUN)/unet $(TRAIN_ARGS)
+	$(BIN)/python -m ddpm.export $(RUN)/unet/checkpoints/best.pt $(RUN)/weights/unet.pt --export-autoencoder $(RUN)/ae/checkpoints/best.pt $(RUN)/weights/autoencoder.pt
+	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/cache --output $(RUN)/test --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
 
 benchmark: setup
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json

@@ -2,11 +2,12 @@
 
 The output grid exactly tiles the thick scan's slabs (dataset.thick.thin_grid): in-plane geometry
 unchanged, slices `spacing` apart, the first starting half a slice inside the first slab. The thick
-scan is resampled onto that grid (cubic), encoded patch-wise, the thin latent is sampled with the
-U-Net applied in overlapping latent windows at every step, decoded chunk-wise, and finally
-projected so every slab's average equals the measured thick slice (the consistency step).
+scan is resampled onto that grid (cubic); inside the body's box the latent pipeline (ddpm.inferer: encode
+patch-wise, sample with the U-Net over overlapping latent windows, decode chunk-wise) and the per-scan
+adapter add their changes; finally every slab's average is projected onto the measured thick slice
+(the consistency step).
 
-With `decode: residual` (default) the decoded condition is subtracted and cubic added back: the
+With `decode: residual` (default) the sample and the condition are decoded as a pair and subtracted: the
 output is cubic plus the image-space change the sampled latent makes, so a small CPU-trained
 autoencoder's blur cancels instead of capping the result at its reconstruction quality.
 """
