@@ -49,12 +49,16 @@ class LatentInferer:
         """unet.cond_image: the network also reads the cubic volume, one channel per image voxel of a latent voxel."""
         return self.net.cond_channels > self.net.latent_channels
 
+    def encode(self, hu, progress: bool = False) -> torch.Tensor:
+        """(X, Y, Z) HU -> (1, C, x, y, z) latent, encoded as the condition is (its patch overlap)."""
+        return self.codec.encode(hu, progress, self.encode_overlap)
+
     def condition(self, cubic_hu, progress: bool = False, latent: torch.Tensor | None = None) -> Condition:
         """`cubic_hu`: (X, Y, Z) or (B, 1, X, Y, Z) HU; `latent`: its latent when already encoded (training
         latents), else it is encoded here."""
         hu = torch.as_tensor(np.asarray(cubic_hu, dtype=np.float32)) if not torch.is_tensor(cubic_hu) else cubic_hu
         if latent is None:
-            latent = self.codec.encode(hu if hu.ndim == 3 else hu[0, 0], progress, self.encode_overlap)
+            latent = self.encode(hu if hu.ndim == 3 else hu[0, 0], progress)
         image = None
         if self.reads_image:
             unit = self.codec.to_unit(hu)

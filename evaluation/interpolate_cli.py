@@ -140,7 +140,7 @@ def run_case(name: str, thick: CTVolume, truth: CTVolume | None, models: Models,
         lungs = lung_mask(truth_hu[..., z])
         linear = thick.sample_at(res.grid.affine, res.grid.shape, order=1)
         methods = {"ours": res.mean, "linear": linear, "cubic": res.cubic}
-        ceiling = latent_ceiling(truth_hu, res, models)  # None with --unet none
+        ceiling = latent_ceiling(truth_hu, res, models, cfg)  # None with --unet none
         if ceiling is not None:
             methods["ceiling"] = ceiling
         for method, vol in list(methods.items()):

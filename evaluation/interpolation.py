@@ -434,7 +434,8 @@ def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -
     return {"mean_abs_hu": float(r.mean()), "max_abs_hu": float(r.max())}
 
 
-def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> np.ndarray | None:
+def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models,
+                   cfg: InterpolateConfig | None = None) -> np.ndarray | None:
     """What a perfect U-Net would give: the true thin scan's latent, decoded the way ours was (cubic plus what
     it changes against the condition).
 
@@ -443,8 +444,8 @@ def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models) -> 
     """
     if models.autoencoder is None or res.cond is None:
         return None
-    inferer = models.inferer(InterpolateConfig())
+    inferer = models.inferer(cfg or InterpolateConfig())  # the run's: the truth is encoded as its condition was
     truth = np.ascontiguousarray(truth_hu[res.box])
     ceiling = res.cubic.astype(np.float32)
-    ceiling[res.box] += inferer.residual(inferer.codec.encode(truth), res.cond, truth.shape)[0, 0].numpy()
+    ceiling[res.box] += inferer.residual(inferer.encode(truth), res.cond, truth.shape)[0, 0].numpy()
     return ceiling
