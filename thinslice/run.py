@@ -92,5 +92,7 @@ def finish_run(ctx: DistContext, model: torch.nn.Module, writer, out_dir: Path, 
     if ctx.is_main:
         writer.close()
         write_json(Path(out_dir) / "result.json", result)
+    if ctx.distributed:  # leave together: a rank that tore gloo down while rank 0 still wrote once aborted (SIGABRT)
+        ctx.barrier()
     cleanup()
     return result
