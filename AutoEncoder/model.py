@@ -88,7 +88,7 @@ class PatchVolumeAutoencoder(nn.Module):
             raise ValueError(f"decoding a difference needs latents of one shape, got {tuple(z.shape)} and "
                              f"{tuple(minus.shape)}")
         f = self.compression
-        B = z.shape[0]
+        full = (z.shape[0], 1) + tuple(s * k for s, k in zip(z.shape[2:], f))
         out = None
         grids = [range(0, s, c) for s, c in zip(z.shape[2:], chunk)]
         starts = list(itertools.product(*grids))
@@ -98,7 +98,6 @@ class PatchVolumeAutoencoder(nn.Module):
             window = (slice(None), slice(None)) + tuple(ctx)
             src = tuple(slice((c.start - x.start) * k, (c.stop - x.start) * k) for c, x, k in zip(core, ctx, f))
             dst = tuple(slice(c.start * k, c.stop * k) for c, k in zip(core, f))
-            full = (B, 1) + tuple(s * k for s, k in zip(z.shape[2:], f))
             if minus is not None and torch.equal(z[window], minus[window]):
                 if out is None:
                     out = z.new_empty(full, dtype=torch.float32)

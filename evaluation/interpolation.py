@@ -141,17 +141,14 @@ class Interpolation:
     box: tuple = (slice(None),) * 3  # where the latent model and the adapter ran (body_box); cubic outside
 
 
-def encode_hu(models: "Models", hu: np.ndarray, progress: bool = False) -> torch.Tensor:
-    return models.codec.encode(hu, progress)
-
-
 # Peak of the decoder per output voxel of one chunk with its halo, measured on the shipped 4x4x2 autoencoder in
 # channels-last memory as the codec runs it (benchmarks/decode_memory.py, latent 64^3): 200 bytes in bf16, 397 in
 # fp32 (396..452 and 530 before channels-last); rounded up.
 DECODER_BYTES_PER_VOXEL = {True: 240, False: 480}
 RUNTIME_GB = 1.5  # python, torch, the models
-# output-sized float32 arrays alive at the peak (cubic, adaptation, offset, the decoder's full output and its HU,
-# the running mean, the output, the consistency step's temporaries): 512x512x300 peaked at 9.96 GiB with 7 here
+# output-sized float32 arrays alive at the peak (cubic, adaptation, the base, the sample's copy of it, the decoded
+# change, the running mean, the output, the consistency step's temporaries), with room: 512x512x300 peaked at
+# 9.96 GiB with 7 here when the condition was still decoded whole; the whole 512x512x240 chest now peaks at 5.55 GiB
 OUTPUT_ARRAYS = 12
 
 
@@ -183,10 +180,6 @@ def decode_chunk_for(models: "Models", shape, max_memory_gb: float, halo: int, o
     if best is None:  # not even 4-voxel chunks fit: the smallest there are
         return tuple(min(4, n) for n in latent)
     return best[1]
-
-
-def decode_hu(models: "Models", z: torch.Tensor, shape, progress: bool = False, chunk=None, halo=None) -> np.ndarray:
-    return models.codec.decode(z, shape, progress, chunk, halo)[0, 0].numpy()
 
 
 class Stages:
@@ -221,8 +214,9 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_res = time.perf_counter()
     box = body_box(cubic, cfg.body_margin)
     inner = np.ascontiguousarray(cubic[box])
+    shape = inner.shape
     inferer = models.inferer(cfg)
-    stage(f"encode the condition (autoencoder, patch-wise; the body's box {'x'.join(map(str, inner.shape))})")
+    stage(f"encode the condition (autoencoder, patch-wise; the body's box {'x'.join(map(str, shape))})")
     cond = inferer.condition(inner, progress)
     del inner
     t_enc = time.perf_counter()
@@ -232,7 +226,6 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     t_adapt = time.perf_counter()
     base = cubic if adaptation is None else cubic + adaptation
     halo = decode_halo(models, cfg)
-    shape = tuple(len(range(n)[b]) for n, b in zip(cubic.shape, box))
     chunk = decode_chunk_for(models, shape, cfg.max_memory_gb, halo, grid.shape)
     total = total_sq = None
     seconds = {"sample": 0.0, "decode": 0.0}
@@ -275,10 +268,9 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
 
 
 def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: InterpolateConfig, progress: bool,
-                stage: Stages, adapter: tuple | None, adapt: bool, box=None) -> tuple[np.ndarray | None, dict | None]:
-    """What the per-scan adapter adds to cubic (None when off) inside `box` (zero outside), fitted here unless
-    `adapter` was given."""
-    box = box or body_box(cubic, cfg.body_margin)
+                stage: Stages, adapter: tuple | None, adapt: bool, box) -> tuple[np.ndarray | None, dict | None]:
+    """What the per-scan adapter adds to cubic (None when off) inside `box` (body_box; zero outside), fitted here
+    unless `adapter` was given."""
     fitted_here = adapter is None
     if not fitted_here:
         adapt = cfg.adapt_steps > 0
@@ -307,7 +299,8 @@ def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: Interpo
 def adapted_only(thick: CTVolume, grid: ThinGrid, cubic: np.ndarray, models: Models, cfg: InterpolateConfig,
                  progress: bool, stage: Stages, adapter: tuple | None, adapt: bool, t0: float) -> Interpolation:
     """--unet none: cubic + the per-scan adapter, then the consistency step; no autoencoder, no U-Net."""
-    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt)
+    box = body_box(cubic, cfg.body_margin)
+    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
     mean = cubic if adaptation is None else (cubic + adaptation).astype(np.float32)
     t_mid = time.perf_counter()
     if cfg.consistency:
@@ -317,8 +310,7 @@ def adapted_only(thick: CTVolume, grid: ThinGrid, cubic: np.ndarray, models: Mod
     seconds = {"consistency": t_end - t_mid, "total": t_end - t0}
     if adapt_info:
         seconds = {"adapt": adapt_info["seconds"] + adapt_info["refine_seconds"], **seconds}
-    return Interpolation(grid, cubic, mean, None, output, None, seconds, adaptation, adapt_info,
-                         body_box(cubic, cfg.body_margin))
+    return Interpolation(grid, cubic, mean, None, output, None, seconds, adaptation, adapt_info, box)
 
 
 def fit_adapter(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> tuple:

@@ -64,12 +64,14 @@ def test_generation_resumes_to_the_same_files_and_reencodes_a_new_autoencoder(bu
 def test_training_and_inference_encode_a_volume_alike(weights, chest_block, capability, monkeypatch):
     """Latent generation (the U-Net's training data) and interpolation (its input at inference) each load the
     autoencoder their own way; both must pick the same precision and window, so the latents agree up to
-    the float16 that latents are stored in. Checked for an AVX2-only CPU (fp32) and a bf16 one."""
+    the float16 that latents are stored in. Checked for an AVX2-only CPU (fp32) and a bf16 one. (Interpolation
+    encodes with patches that do not overlap, `interpolate.encode_overlap: 0`, a measured speed trade; here both
+    use the autoencoder's own overlap so that only precision and window are compared.)"""
     from AutoEncoder.codec import Codec
     from ddpm.latents import encode_hu as training_encode
     from evaluation.interpolation import Models
-    from evaluation.interpolation import encode_hu as inference_encode
     from thinslice import precision
+    from thinslice.config import InterpolateConfig
 
     has = precision.capability_has_bf16("AVX512", avx512_bf16=True) if capability != "AVX2" else \
         precision.capability_has_bf16("AVX2")
@@ -81,5 +83,5 @@ def test_training_and_inference_encode_a_volume_alike(weights, chest_block, capa
     assert codec.precision.bf16 == models.precision.bf16 == (capability != "AVX2")
     assert codec.window == models.window
     train_z = training_encode(codec, hu).float()
-    infer_z = inference_encode(models, hu)[0].float()
+    infer_z = models.inferer(InterpolateConfig(encode_overlap=None)).encode(hu)[0].float()
     torch.testing.assert_close(train_z, infer_z, rtol=2e-3, atol=2e-3)  # float16 storage
