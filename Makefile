@@ -26,7 +26,8 @@ demo-pretrained: setup
 	$(BIN)/python -m evaluation.demo --output $(DEMO)-pretrained --pretrained
 
 # the shipped weights again, from a folder of CT (config/cpu.yaml: the shipped run's cases and sizes): prepare,
-# autoencoder, latents, U-Net, export, score the held-out test split. Every step resumes when rerun.
+# autoencoder, latents, U-Net, export, then score the model card's test crop (the bundled LIDC-IDRI-0314 crop in
+# data/ct; the default output and the U-Net alone). Every step resumes when rerun.
 # TRAIN_ARGS (e.g. --max-steps 2) goes to both trainers: a quick check of the chain, not the weights.
 DATA   ?=
 RUN    ?= runs/reproduce
@@ -38,7 +39,9 @@ reproduce: setup
 	$(BIN)/thinslice-latents --cache $(RUN)/cache --checkpoint $(RUN)/ae/checkpoints/best.pt --output $(RUN)/latents --config config/cpu.yaml
 	$(BIN)/thinslice-train-unet --config config/cpu.yaml --latents $(RUN)/latents --output $(RUN)/unet $(TRAIN_ARGS)
 	$(BIN)/python -m ddpm.export $(RUN)/unet/checkpoints/best.pt $(RUN)/weights/unet.pt --export-autoencoder $(RUN)/ae/checkpoints/best.pt $(RUN)/weights/autoencoder.pt
-	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/cache --output $(RUN)/test --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
+	$(BIN)/thinslice-prepare --input data/ct --output $(RUN)/test_cache --config config/cpu.yaml
+	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/test_cache --output $(RUN)/test --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
+	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/test_cache --output $(RUN)/test_unet_alone --adapt 0 --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
 
 benchmark: setup
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json

@@ -22,7 +22,7 @@ from dataset.cache import cases_in_split
 from dataset.patches import PatchStream, patch_loader
 from thinslice import loop, precision
 from thinslice.checkpoint import load_checkpoint, warmup_cosine
-from thinslice.config import AutoencoderConfig, Config, ConfigError, load_config
+from thinslice.config import AutoencoderConfig, Config, ConfigError, add_set_argument, load_config
 from thinslice.distributed import DistContext, init_distributed, no_sync
 from thinslice.images import midplane_panel
 from thinslice.run import add_run_arguments, use_bf16, with_overrides
@@ -243,6 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, type=Path, help="YAML with data/autoencoder/loss/ae_train sections")
     p.add_argument("--cache", required=True, type=Path, help="prepared dataset (dataset/prepare.py --output)")
     add_run_arguments(p, "ae_train")
+    add_set_argument(p)
     p.add_argument("--init-from", type=Path, default=None, help="stage 2: override ae_train.init_from (stage-1 checkpoint)")
     return p.parse_args(argv)
 
@@ -250,7 +251,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = with_overrides(load_config(args.config), "ae_train", max_steps=args.max_steps,
+        cfg = with_overrides(load_config(args.config, args.overrides), "ae_train", max_steps=args.max_steps,
                              init_from=args.init_from and str(args.init_from))
         if cfg.loss.perceptual_weight > 0:  # before the process group, a checkpoint or the run folder is touched
             perceptual_weights_file(cfg.loss.perceptual_weights)

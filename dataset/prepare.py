@@ -24,7 +24,7 @@ from dataset.split import assign_split, case_pseudonym, dataset_key, patient_key
 from dataset.thick import simulate_thick
 from dataset.checks import check_ct
 from dataset.volume import CTVolume
-from thinslice.config import ConfigError, DataConfig, load_config
+from thinslice.config import ConfigError, DataConfig, add_set_argument, load_config
 
 
 def prep_fingerprint(cfg: DataConfig) -> str:
@@ -111,13 +111,14 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, type=Path, help="folder of cases (or one case)")
     p.add_argument("--output", required=True, type=Path, help="cache folder (created; re-runs resume)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (data: section); defaults if omitted")
+    add_set_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config).data
+        cfg = load_config(args.config, args.overrides).data
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

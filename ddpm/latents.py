@@ -31,7 +31,7 @@ from dataset.volume import CTVolume
 from ddpm.pair_crops import BODY_HU, pair_crops
 from thinslice.atomic import atomic_path, write_json
 from thinslice.checkpoint import file_fingerprint
-from thinslice.config import ConfigError, LatentsConfig, load_config
+from thinslice.config import ConfigError, LatentsConfig, add_set_argument, load_config
 from thinslice.distributed import cleanup, init_distributed
 
 
@@ -166,6 +166,7 @@ def parse_args(argv=None):
                    help="encode only these splits (the U-Net trains on train and validates on val)")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML whose latents: section sets the extra training pairs (defaults if omitted)")
+    add_set_argument(p)
     p.add_argument("--no-pairs", action="store_true", help="only each case's own (thin, cond) pair, as before")
     return p.parse_args(argv)
 
@@ -173,7 +174,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         pairs = None if args.no_pairs else cfg.latents
         index = generate(args.cache, args.checkpoint, args.output, tuple(args.splits), pairs,
                          cfg.data.patches.body_threshold_hu)

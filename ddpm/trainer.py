@@ -26,7 +26,7 @@ from ddpm.samplers import make_sampler
 from ddpm.validation import val_crops, validate
 from thinslice import loop, precision
 from thinslice.checkpoint import warmup_cosine
-from thinslice.config import Config, ConfigError, load_config
+from thinslice.config import Config, ConfigError, add_set_argument, load_config
 from thinslice.distributed import init_distributed, no_sync
 from thinslice.run import add_run_arguments, use_bf16, with_overrides
 
@@ -241,6 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, type=Path, help="YAML with unet/diffusion/unet_train sections")
     p.add_argument("--latents", required=True, type=Path, help="latent folder (train/generate_training_latent.py)")
     add_run_arguments(p, "unet_train")
+    add_set_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="prepared dataset for validation truth "
                                                             "(default: the one named in the latent index)")
     p.add_argument("--autoencoder", type=Path, default=None, help="autoencoder checkpoint for validation decoding "
@@ -251,7 +252,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = with_overrides(load_config(args.config), "unet_train", max_steps=args.max_steps)
+        cfg = with_overrides(load_config(args.config, args.overrides), "unet_train", max_steps=args.max_steps)
         train(cfg, args.latents, args.output, args.cache, args.autoencoder, stop_after=args.stop_after,
               time_budget=args.time_budget)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -22,7 +22,7 @@ from dataset.readers import case_series, strip_source_suffix
 from dataset.split import KEY_FILE, case_pseudonym, key_from_file
 from dataset.volume import CTVolume
 from thinslice.atomic import atomic_path, remove_partials, write_json
-from thinslice.config import ConfigError, load_config
+from thinslice.config import ConfigError, add_set_argument, load_config
 from dataset.thick import enforce_slab_consistency
 from thinslice.precision import choose
 from evaluation.interpolation import (Models, Stages, consistency_residual, interpolate, interpolate_tiled,
@@ -207,6 +207,7 @@ def parse_args(argv=None):
                    help=f"secret for --anonymize (default OUT/{KEY_FILE}, made owner-only on first use): the same "
                         "key gives the same pseudonyms; keep it, but do not pass it on with the outputs")
     p.add_argument("--config", type=Path, help="YAML whose `interpolate` section names weights and settings")
+    add_set_argument(p)
     p.add_argument("--autoencoder", type=Path, help="autoencoder checkpoint (default: the config's, else pretrained/)")
     p.add_argument("--unet", type=Path, help="U-Net checkpoint (default: the config's, else pretrained/); 'none': no "
                                             "autoencoder or U-Net, only the per-scan adapter and the consistency step")
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
     try:
         if args.split and not args.cache:
             raise ConfigError("--split needs --cache")
-        full = load_config(args.config)
+        full = load_config(args.config, args.overrides)
         cfg = full.interpolate
         sampling = full.diffusion if args.steps is None else \
             full.diffusion.model_validate({**full.diffusion.model_dump(), "sample_steps": args.steps})

@@ -492,11 +492,53 @@ def resolve(path: str | Path) -> tuple[dict, dict[str, str], list[tuple[Path, di
     return merged, differs, layers
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read and validate a YAML config, merged over the recipe it names (`recipe:`); None gives the defaults."""
-    if path is None:
-        return Config()
-    merged, _, layers = resolve(path)
+def add_set_argument(parser) -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) on a command line: any key of the schema, over the config file."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key with a YAML value, over --config (repeatable), e.g. "
+                             "--set interpolate.body_margin=16; python -m thinslice.config shows the result")
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """`SECTION.KEY=VALUE` strings (YAML values) as nested sections; an unknown key is an error that names it."""
+    nested: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. interpolate.body_margin=16")
+        if key in RENAMED:
+            raise ConfigError(f"--set {key}: renamed to {RENAMED[key][0]} ({RENAMED[key][1]})")
+        if not _known_path(key):
+            parent, _, last = key.rpartition(".")
+            known = _section_keys(parent)
+            close = difflib.get_close_matches(last, known, n=1)
+            raise ConfigError(f"--set {key}: unknown key" + (f" (did you mean '{parent}.{close[0]}'?)" if close else ""))
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return nested
+
+
+def _section_keys(dotted: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in dotted.split(".") if dotted else []:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read and validate a YAML config, merged over the recipe it names (`recipe:`), then the command line's
+    `--set` overrides; no file gives the defaults (and the overrides)."""
+    merged, layers = ({}, []) if path is None else resolve(path)[::2]
+    extra = parse_overrides(overrides)
+    merged = _merge(merged, extra)
     try:
         return Config.model_validate(merged)
     except ValidationError as e:
@@ -504,10 +546,12 @@ def load_config(path: str | Path | None) -> Config:
         for err in e.errors():
             line = _describe(err, Config)
             setters = [p for p, raw in layers if _has(raw, err["loc"])]
-            if setters and setters[-1] != layers[-1][0]:
+            if _has(extra, err["loc"]):
+                line += " (set by --set)"
+            elif setters and setters[-1] != layers[-1][0]:
                 line += f" (set in {setters[-1]})"
             lines.append(line)
-        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+        raise ConfigError(f"{path or 'the defaults'}: " + "; ".join(lines)) from None
 
 
 def _has(raw, loc) -> bool:
@@ -562,9 +606,10 @@ def _print_resolved(argv: list[str]) -> int:
     p.add_argument("config", nargs="?", type=Path, help="YAML file (none: the defaults)")
     p.add_argument("--section", help="print only this section (data, autoencoder, loss, ae_train, latents, unet, "
                                      "diffusion, unet_train, interpolate)")
+    add_set_argument(p)
     args = p.parse_args(argv)
     try:
-        resolved = load_config(args.config).model_dump(mode="json")
+        resolved = load_config(args.config, args.overrides).model_dump(mode="json")
         if args.section:
             if args.section not in resolved:
                 raise ConfigError(f"no section {args.section!r}; sections: {', '.join(resolved)}")
