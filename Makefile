@@ -27,21 +27,33 @@ demo-pretrained: setup
 
 # the shipped weights again, from a folder of CT (config/cpu.yaml: the shipped run's cases and sizes): prepare,
 # autoencoder, latents, U-Net, export, then score the model card's test crop (the bundled LIDC-IDRI-0314 crop in
-# data/ct; the default output and the U-Net alone). Every step resumes when rerun.
+# data/ct) with the new weights and with the shipped ones, and write the learning curves and both scores to
+# RUN/reproduction.json (benchmarks/reproduction.py). Every step resumes when rerun.
 # TRAIN_ARGS (e.g. --max-steps 2) goes to both trainers: a quick check of the chain, not the weights.
 DATA   ?=
 RUN    ?= runs/reproduce
 TRAIN_ARGS ?=
+# a time stamp per step in RUN/stages.log (reruns append): how long the reproduction took, step by step
+STAMP = @mkdir -p $(RUN) && echo "$$(date +%s) $(1)" >> $(RUN)/stages.log
 reproduce: setup
 	@test -n "$(DATA)" || { echo "usage: make reproduce DATA=FOLDER_OF_CT [RUN=runs/reproduce]"; exit 2; }
+	$(call STAMP,prepare)
 	$(BIN)/thinslice-prepare --input $(DATA) --output $(RUN)/cache --config config/cpu.yaml
+	$(call STAMP,autoencoder)
 	$(BIN)/thinslice-train-autoencoder --config config/cpu.yaml --cache $(RUN)/cache --output $(RUN)/ae $(TRAIN_ARGS)
+	$(call STAMP,latents)
 	$(BIN)/thinslice-latents --cache $(RUN)/cache --checkpoint $(RUN)/ae/checkpoints/best.pt --output $(RUN)/latents --config config/cpu.yaml
+	$(call STAMP,unet)
 	$(BIN)/thinslice-train-unet --config config/cpu.yaml --latents $(RUN)/latents --output $(RUN)/unet $(TRAIN_ARGS)
+	$(call STAMP,export)
 	$(BIN)/python -m ddpm.export $(RUN)/unet/checkpoints/best.pt $(RUN)/weights/unet.pt --export-autoencoder $(RUN)/ae/checkpoints/best.pt $(RUN)/weights/autoencoder.pt
+	$(call STAMP,score)
 	$(BIN)/thinslice-prepare --input data/ct --output $(RUN)/test_cache --config config/cpu.yaml
 	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/test_cache --output $(RUN)/test --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
-	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/test_cache --output $(RUN)/test_unet_alone --adapt 0 --autoencoder $(RUN)/weights/autoencoder.pt --unet $(RUN)/weights/unet.pt
+	$(call STAMP,score shipped)
+	$(BIN)/thinslice-interpolate --split test --cache $(RUN)/test_cache --output $(RUN)/test_shipped
+	$(call STAMP,done)
+	$(BIN)/python benchmarks/reproduction.py $(RUN) --out $(RUN)/reproduction.json --plot $(RUN)/reproduction.png
 
 benchmark: setup
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/cpu.json
