@@ -53,7 +53,7 @@ def sweep_case(path: Path, models: Models, slab_slices: int, cfg: InterpolateCon
           f"{grid['a=1 u=0']:+.2f}, U-Net only {grid['a=0 u=1']:+.2f}, best {best} {grid[best]:+.2f}", flush=True)
     return {"case": path.name, "thin_spacing_mm": round(thin.slice_spacing, 4), "slab_mm": round(slab, 4),
             "shape": list(thin.shape), "cubic_consistency_psnr": round(base, 3), "gain_db": grid, "best": best,
-            "adapt_info": res.adapt_info, "seconds": round(seconds, 1)}
+            "adapt_info": res.adapt_info, "tune_info": res.tune_info, "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> int:

@@ -38,3 +38,17 @@ def network_condition(space: LatentSpace, cond: torch.Tensor, extra: torch.Tenso
 def build_diffusion(cfg: Config) -> GaussianDiffusion:
     d = cfg.diffusion
     return GaussianDiffusion(cosine_alphas_cumprod(d.num_steps), d.prediction, d.min_snr_gamma)
+
+
+def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool,
+                   compression=None):
+    """Per-sample weighted loss of one batch: the one function training (DDP or single process) and per-scan
+    tuning (ddpm.scan_tune) differentiate."""
+    x0 = space.to_x0(batch["thin"], batch["cond"])
+
+    def model(x, tt, **kw):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(x, tt, **kw)
+
+    cond = condition_input(space, batch["cond"], batch.get("cond_image"), compression)
+    return diffusion.training_losses(model, x0, t, noise, cond=cond, spacing=batch["spacing"])

@@ -16,8 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from AutoEncoder.codec import Codec
-from ddpm.build import build_diffusion, build_unet, condition_input
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.build import build_diffusion, build_unet, diffusion_loss  # noqa: F401 (diffusion_loss: tests, benchmarks)
 from ddpm.latent_data import (LatentSpace, RandomLatentCrops, ResumableDistributedSampler, load_latent_cases,
                               read_index)
 from ddpm.generate import load_unet, whole_volume_denoiser
@@ -31,19 +30,6 @@ from thinslice.distributed import init_distributed, no_sync
 from thinslice.run import add_run_arguments, use_bf16, with_overrides
 
 BUCKETS = 10  # loss by timestep bucket: t in [0, 100), [100, 200), ...
-
-
-def diffusion_loss(net, diffusion: GaussianDiffusion, space: LatentSpace, batch: dict, t, noise, bf16: bool,
-                   compression=None):
-    """Per-sample weighted loss of one batch; the one function both DDP and single runs differentiate."""
-    x0 = space.to_x0(batch["thin"], batch["cond"])
-
-    def model(x, tt, **kw):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return net(x, tt, **kw)
-
-    cond = condition_input(space, batch["cond"], batch.get("cond_image"), compression)
-    return diffusion.training_losses(model, x0, t, noise, cond=cond, spacing=batch["spacing"])
 
 
 def check_crop(cfg: Config, multiple: int) -> None:

@@ -107,6 +107,8 @@ def case_info(name: str, thick: CTVolume, cfg, res, consistency: dict, clipped: 
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if res.adapt_info:
         info["adaptation"] = res.adapt_info
+    if res.tune_info:
+        info["unet_tuning"] = res.tune_info
     return info
 
 

@@ -13,6 +13,7 @@ autoencoder's blur cancels instead of capping the result at its reconstruction q
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import resource
 import time
@@ -32,6 +33,7 @@ from ddpm.generate import load_unet, sliding_window_denoiser
 from ddpm.inferer import LatentInferer
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
+from ddpm.scan_tune import TuneSettings, tune_unet
 from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import DiffusionConfig, InterpolateConfig
@@ -139,6 +141,7 @@ class Interpolation:
     adaptation: np.ndarray | None = None  # what per-scan adaptation added to cubic (base = cubic + this)
     adapt_info: dict | None = None
     box: tuple = (slice(None),) * 3  # where the latent model and the adapter ran (body_box); cubic outside
+    tune_info: dict | None = None  # per-scan tuning of the U-Net (interpolate.unet_tune_steps), when it ran
 
 
 # Peak of the decoder per output voxel of one chunk with its halo, measured on the shipped 4x4x2 autoencoder in
@@ -212,6 +215,11 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     if models.unet is None:
         return adapted_only(thick, grid, cubic, models, cfg, progress, stage, adapter, adapt, t0)
     t_res = time.perf_counter()
+    tune_info = None
+    if cfg.unet_tune_steps > 0:
+        stage(f"tune the U-Net to this scan ({cfg.unet_tune_steps} steps on its own in-plane pairs)")
+        models, tune_info = tune_models(thick, models, cfg, progress)
+    t_tune = time.perf_counter()
     box = body_box(cubic, cfg.body_margin)
     inner = np.ascontiguousarray(cubic[box])
     shape = inner.shape
@@ -260,11 +268,21 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage("slab consistency")
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    seconds = {"resample": t_res - t0, "encode": t_enc - t_res, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
+    seconds = {"resample": t_res - t0, "encode": t_enc - t_tune, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
     if adapt_info:
         seconds = {"adapt": t_adapt - t_enc, **seconds}
+    if tune_info:
+        seconds = {"tune": t_tune - t_res, **seconds}
     return Interpolation(grid, cubic, mean, std, output, cond.latent if cfg.decode == "residual" else None, seconds,
-                         adaptation, adapt_info, box)
+                         adaptation, adapt_info, box, tune_info)
+
+
+def tune_models(thick: CTVolume, models: Models, cfg: InterpolateConfig, progress: bool = True) -> tuple[Models, dict]:
+    """The models with the U-Net tuned to this scan (ddpm.scan_tune), on the crop size it was trained on."""
+    settings = TuneSettings(steps=cfg.unet_tune_steps, lr=cfg.unet_tune_lr, seed=cfg.seed)
+    net, info = tune_unet(models.unet, models.space, models.diffusion, models.codec, thick, cfg.spacing_mm,
+                          tuple(models.unet_config.unet_train.crop_size), settings, models.precision, progress)
+    return dataclasses.replace(models, unet=net), info
 
 
 def adapt_cubic(thick: CTVolume, cubic: np.ndarray, models: Models, cfg: InterpolateConfig, progress: bool,
@@ -375,6 +393,7 @@ class TiledInterpolation:
     adapt_info: dict | None
     tiles: int
     consistency: dict  # as consistency_residual, of the int16 output, gathered tile by tile
+    tune_info: dict | None = None
 
 
 def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, tiles: list[Tile], limits,
@@ -387,7 +406,7 @@ def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, t
     grid = output_grid(thick, cfg.spacing_mm)
     r = int(round(thick.slice_spacing / cfg.spacing_mm))
     out = np.empty(grid.shape, np.int16)
-    adapter, clipped, seconds = None, 0, {}
+    adapter, clipped, seconds, tune_info = None, 0, {}, None
     abs_sum, abs_max, count = 0.0, 0.0, 0
     if cfg.adapt_steps > 0:
         try:
@@ -397,6 +416,11 @@ def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, t
         except ValueError as e:
             print(f"{e}: adaptation skipped", flush=True)
     cfg_tile = cfg if adapter is not None else cfg.model_copy(update={"adapt_steps": 0})
+    if cfg.unet_tune_steps > 0 and models.unet is not None:  # tuned once on the whole scan, like the adapter
+        stage(f"tune the U-Net to this scan ({cfg.unet_tune_steps} steps on its own in-plane pairs, once for all tiles)")
+        models, tune_info = tune_models(thick, models, cfg, progress)
+        seconds["tune"] = tune_info["seconds"]
+        cfg_tile = cfg_tile.model_copy(update={"unet_tune_steps": 0})
     for k, tile in enumerate(tiles):
         stage(f"tile {k + 1}/{len(tiles)}: thick slices {tile.keep_start}-{tile.keep_stop - 1} "
               f"(computed {tile.start}-{tile.stop - 1})")
@@ -417,7 +441,7 @@ def interpolate_tiled(thick: CTVolume, models: Models, cfg: InterpolateConfig, t
     if info:
         seconds["adapt"] = seconds.get("adapt", 0.0) + info["seconds"]
     return TiledInterpolation(grid, out, clipped, seconds, info, len(tiles),
-                              {"mean_abs_hu": abs_sum / max(count, 1), "max_abs_hu": abs_max})
+                              {"mean_abs_hu": abs_sum / max(count, 1), "max_abs_hu": abs_max}, tune_info)
 
 
 def consistency_residual(thin_hu: np.ndarray, thick: CTVolume, grid: ThinGrid) -> dict:

@@ -318,6 +318,10 @@ class InterpolateConfig(_Strict):
     # patch overlap of the condition's encoding (None: the autoencoder's own encode_overlap, 0.25 for the shipped one).
     # 0 encodes 2.4x fewer patches for -0.02..-0.03 dB on held-out crops (benchmarks/results/speed_quality.json)
     encode_overlap: float | None = Field(0.0, ge=0, lt=1)
+    # > 0: before sampling, train a copy of the U-Net this many steps on the input's own in-plane pairs
+    # (ddpm/scan_tune.py; issue 26's per-scan latent tuning, off until validation scans show it pays)
+    unet_tune_steps: int = Field(0, ge=0)
+    unet_tune_lr: float = Field(1e-4, gt=0)
 
     @model_validator(mode="after")
     def _adapt(self):
