@@ -25,11 +25,11 @@ TOLERANCE_DB = 0.2  # issue 24: a reproduction lands within this of the shipped 
 def stage_minutes(log: Path) -> dict[str, float]:
     """Minutes per step from `EPOCH NAME` lines; a rerun appends, so a step's minutes add up over reruns."""
     stamps = [(int(t), name) for t, name in (line.split(" ", 1) for line in log.read_text().split("\n") if line)]
-    minutes: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     for (t, name), (t_next, _) in zip(stamps, stamps[1:]):
         if name != "done":
-            minutes[name] = round(minutes.get(name, 0.0) + (t_next - t) / 60, 1)
-    return minutes
+            seconds[name] = seconds.get(name, 0.0) + t_next - t
+    return {name: round(s / 60, 1) for name, s in seconds.items()}
 
 
 def curve(path: Path, keys: tuple[str, ...]) -> list[dict]:
