@@ -16,7 +16,7 @@ import numpy as np
 from dataset.readers import read_volume
 from dataset.thick import enforce_slab_consistency, simulate_thick
 from thinslice import precision
-from evaluation.adapt import AdaptSettings, refine, train_adapter
+from ddpm.adapt import AdaptSettings, refine, train_adapter
 from evaluation.interpolation import output_grid
 from evaluation.report import lung_mask, score, scored_slices
 

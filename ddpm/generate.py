@@ -113,7 +113,7 @@ def export_unet(src, dst, autoencoder=None) -> dict:
         bound = file_fingerprint(exported)
     slim = {"ema": net.state_dict(), "config": state["config"], "latent_channels": state["latent_channels"],
             "latent_space": space.state_dict(), "ae_fingerprint": bound, "step": state["step"],
-            "compression": state.get("compression"),
+            "compression": state.get("compression"), "condition": state.get("condition"),
             "val": state.get("val")}
     with atomic_path(Path(dst)) as tmp:
         torch.save({k: v for k, v in slim.items() if v is not None}, tmp)

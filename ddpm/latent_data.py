@@ -59,7 +59,8 @@ def load_latent_cases(latents: str | Path, split: str, whole: bool = True, pairs
             keys = set(f.keys())
             if whole and "thin" in keys:
                 out.append(LatentCase(c["case_id"], c["split"], f.get_tensor("thin").float(), f.get_tensor("cond").float(),
-                                      torch.tensor([c["thick_spacing"][2], c["thin_spacing"][2]], dtype=torch.float32)))
+                                      torch.tensor([c["thick_spacing"][2], c["thin_spacing"][2]], dtype=torch.float32),
+                                      f.get_tensor("cond_image") if "cond_image" in keys else None))
             if pairs:
                 for k, d in enumerate(json.loads(f.metadata().get("pairs", "[]"))):
                     out.append(LatentCase(f"{c['case_id']}#pair{k}", c["split"], f.get_tensor(f"pair{k}.thin").float(),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from AutoEncoder.codec import Codec
 from dataset.cache import has_thin, load_case, read_manifest
 from dataset.volume import CTVolume
-from ddpm.pair_crops import BODY_HU, pair_crops
+from ddpm.pair_crops import adapted_condition, BODY_HU, pair_crops
 from thinslice.atomic import atomic_path, write_json
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import ConfigError, LatentsConfig, add_set_argument, load_config
@@ -46,16 +46,23 @@ def encode_hu(codec: Codec, hu: np.ndarray) -> torch.Tensor:
 
 
 def encode_case(codec: Codec, case_dir: Path, pairs: LatentsConfig | None = None, progress: bool = False,
-                body_threshold_hu: float = BODY_HU) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                body_threshold_hu: float = BODY_HU, adapt_steps: int = 0) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The case's own (thin, cond) latents when it has a thin series, plus its extra pair crops (centred on voxels
-    above `body_threshold_hu`: data.patches.body_threshold_hu)."""
+    above `body_threshold_hu`: data.patches.body_threshold_hu). `adapt_steps` > 0 (the cascade): the case's own
+    condition is its cubic refined by an adapter fitted on its thick scan, stored beside it as `cond_image`."""
     case = load_case(case_dir)
     out, described = {}, []
     if case.thin is not None and (pairs is None or pairs.whole_train_cases):
         out["thin"] = encode_hu(codec, case.thin.array)
-        out["cond"] = encode_hu(codec, thick_on_thin_grid(case.thick, case.thin))
+        cond = thick_on_thin_grid(case.thick, case.thin)
+        if adapt_steps:
+            thin_mm = case.thin.slice_spacing
+            cond = adapted_condition(cond, case.thick, thin_mm, thin_mm, case.thick.thickness, adapt_steps,
+                                     pairs.seed if pairs else 0, codec.precision, codec.device)
+            out["cond_image"] = codec.to_unit(cond)[None].to(torch.float16).contiguous()
+        out["cond"] = encode_hu(codec, cond)
     if pairs is not None and pairs.crops_per_pair > 0:
-        crops = pair_crops(case, pairs, codec.compression, body_threshold_hu)
+        crops = pair_crops(case, pairs, codec.compression, body_threshold_hu, codec.precision, codec.device)
         for k, crop in enumerate(tqdm(crops, desc=f"pairs {case.case_id}", unit="crop", leave=False, disable=not progress)):
             out[f"pair{k}.thin"] = encode_hu(codec, crop.thin_hu)
             out[f"pair{k}.cond"] = encode_hu(codec, crop.cond_hu)
@@ -94,17 +101,20 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
     # a thick-only case only trains (in-plane pairs): in val or test it has nothing to score against
     manifest = [c for c in manifest if has_thin(c) or (c["split"] == "train" and pairs is not None)]
     mine = manifest[ctx.rank::ctx.world]
+    adapt_all = pairs is not None and pairs.cond_adapt_steps > 0
     failures = {}
     for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
         path = out / f"{c['case_id']}.safetensors"
         case_pairs = pairs if c["split"] == "train" else None
-        want = pairs_fingerprint(case_pairs, body_threshold_hu)
+        adapt = pairs.cond_adapt_steps if pairs is not None else 0  # the cascade conditions val cases alike
+        want = pairs_fingerprint(case_pairs, body_threshold_hu) + (f"-adapt{adapt}" if adapt and case_pairs is None else "")
         meta = read_metadata(path)
         if meta and meta.get("ae_fingerprint") == fingerprint and meta.get("pairs_fingerprint") == want:
             continue
         try:
             tensors, described = encode_case(codec, Path(cache) / "cases" / c["case_id"], case_pairs,
-                                             progress=ctx.is_main, body_threshold_hu=body_threshold_hu)
+                                             progress=ctx.is_main, body_threshold_hu=body_threshold_hu,
+                                             adapt_steps=adapt)
             if not tensors:
                 raise ValueError("no pair fits the crop (volume too small)")
         except Exception as e:  # one bad case never stops the run
@@ -123,14 +133,15 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
         failures = {k: v for part in gathered for k, v in part.items()}
     index = {}
     if ctx.is_main:
-        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, codec.compression)
+        index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, codec.compression,
+                            "adapted" if adapt_all else "cubic")
     ctx.barrier()
     cleanup()
     return index
 
 
 def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failures: dict, cache: Path,
-                compression=None) -> dict:
+                compression=None, condition: str = "cubic") -> dict:
     """index.json with the latent scale factor: 1 / std over the training split's thin latents."""
     total, sq, n, cases = 0.0, 0.0, 0, []
     for c in manifest:
@@ -152,6 +163,8 @@ def write_index(out: Path, manifest, checkpoint: Path, fingerprint: str, failure
     std = (sq / n - (total / n) ** 2) ** 0.5 if n else None
     index = {"ae_checkpoint": str(Path(checkpoint).resolve()), "ae_fingerprint": fingerprint, "cache": str(Path(cache).resolve()),
              "compression": list(compression) if compression else None,
+             # what the conditions are: cubic, or cubic refined by a per-scan adapter (the cascade)
+             "condition": condition,
              "scale_factor": (1.0 / std) if std else None, "cases": cases, "failures": failures}
     write_json(out / "index.json", index)
     return index

@@ -20,7 +20,11 @@ import numpy as np
 
 from dataset.cache import CachedCase
 from dataset.inplane_pairs import PairGeometry, inplane_pair, slab_condition
+from dataset.thick import simulate_thick
+from dataset.volume import CTVolume
+from ddpm.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.config import LatentsConfig, PatchConfig
+from thinslice.precision import Precision
 
 BODY_HU = PatchConfig().body_threshold_hu  # the schema's default body threshold
 
@@ -89,13 +93,47 @@ def body_crops(thin: np.ndarray, size, n: int, threshold: float, rng: np.random.
     return out
 
 
-def pair_crops(case: CachedCase, cfg: LatentsConfig, compression,
-               body_threshold_hu: float = BODY_HU) -> Iterator[PairCrop]:
-    """`body_threshold_hu`: data.patches.body_threshold_hu, the one body threshold (autoencoder patches use it too)."""
+def adapted_condition(cond: np.ndarray, thick: CTVolume, out_spacing_mm: float, thin_mm: float, slab_mm: float,
+                      steps: int, seed: int, policy: Precision, device="cpu", directions=(1, 0)) -> np.ndarray:
+    """The cascade's condition: `cond` (cubic of `thick` on a thin grid of `thin_mm`) refined by an adapter fitted
+    on `thick`'s own in-plane pairs, as interpolation refines a scan; cubic itself when the scan is too small to
+    adapt or the adapter's own check says it does not help (interpolation keeps cubic then too)."""
+    try:
+        check_adaptable(thick, out_spacing_mm, AdaptSettings().crop)
+    except ValueError:
+        return cond
+    net, info = train_adapter(thick, out_spacing_mm, AdaptSettings(steps=steps, seed=seed), policy, progress=False,
+                              device=device)
+    if not info["use"]:
+        return cond
+    return refine(net, cond, thin_mm, slab_mm, policy, progress=False, directions=directions).astype(np.float32)
+
+
+def pair_condition(case: CachedCase, describe: dict, cond: np.ndarray, cfg: LatentsConfig, policy: Precision,
+                   device="cpu") -> np.ndarray:
+    """`cond` as the cascade conditions on it (latents.cond_adapt_steps): a z pair's adapter learns from the
+    simulated thick scan the pair was made of; an in-plane pair's from the case's thick scan (the scan it was cut
+    from), applied along the one plane direction whose axes are both in-plane."""
+    slab, thin_mm = describe["slab_mm"], describe["thin_mm"]
+    if describe["kind"] == "z":
+        target = case.thin.with_array(np.asarray(case.thin.array[..., describe["phase"]:], dtype=np.float32))
+        thick, out_mm, directions = simulate_thick(target, slab, slab), thin_mm, (1, 0)
+    else:
+        thick, out_mm, directions = case.thick, cfg.output_spacing_mm, (1,)
+    return adapted_condition(cond, thick, out_mm, thin_mm, slab, cfg.cond_adapt_steps, cfg.seed, policy, device,
+                             directions)
+
+
+def pair_crops(case: CachedCase, cfg: LatentsConfig, compression, body_threshold_hu: float = BODY_HU,
+               policy: Precision | None = None, device="cpu") -> Iterator[PairCrop]:
+    """`body_threshold_hu`: data.patches.body_threshold_hu, the one body threshold (autoencoder patches use it too);
+    `policy`, `device`: where the cascade's adapters train (latents.cond_adapt_steps > 0)."""
     for k, (describe, cond, thin) in enumerate(pair_volumes(case, cfg)):
         size = crop_size_for(thin.shape, cfg.crop, compression)
         if size is None:
             continue
+        if cfg.cond_adapt_steps:
+            cond = pair_condition(case, describe, cond, cfg, policy or Precision(False, "fp32"), device)
         rng = _generator(cfg.seed, case.case_id, k)
         for start in body_crops(thin, size, cfg.crops_per_pair, body_threshold_hu, rng):
             sl = tuple(slice(a, a + s) for a, s in zip(start, size))

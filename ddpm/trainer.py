@@ -108,7 +108,7 @@ class UNetTask:
     def _saved(self) -> dict:
         return {"latent_space": self.space.state_dict(), "config": self.cfg.model_dump(mode="json"),
                 "latent_channels": self.model.latent_channels, "ae_fingerprint": self.index["ae_fingerprint"],
-                "compression": self.compression}
+                "compression": self.compression, "condition": self.index.get("condition", "cubic")}
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),

@@ -53,7 +53,10 @@ def val_crops(cases: list[LatentCase], cache: Path, size, compression, window) -
         truth = np.asarray(case.thin.array[img], dtype=np.float32)
         crop_affine = case.thin.affine.copy()  # the crop's own grid: only its voxels are resampled
         crop_affine[:3, 3] = (case.thin.affine @ np.array([sl.start for sl in img] + [1.0]))[:3]
-        cubic = case.thick.sample_at(crop_affine, truth.shape, order=3)
+        if c.cond_image is not None:  # the cascade's condition: cubic refined by the case's adapter, stored whole
+            cubic = unit_to_hu(c.cond_image[(0,) + img].float(), window).numpy()
+        else:
+            cubic = case.thick.sample_at(crop_affine, truth.shape, order=3)
         out.append(ValCrop(c.case_id, c.thin[lat][None], c.cond[lat][None], c.spacing[None],
                            torch.from_numpy(np.ascontiguousarray(truth))[None, None],
                            torch.from_numpy(np.ascontiguousarray(cubic))[None, None]))

@@ -223,7 +223,7 @@ def parse_args(argv=None):
                    help="residual (default): cubic + D(z_thin) - D(z_cubic); direct: D(z_thin)")
     p.add_argument("--adapt", type=int, metavar="N",
                    help="fine-tune a per-scan refiner for N steps on the input's own in-plane pairs first "
-                        "(evaluation/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
+                        "(ddpm/adapt.py; about 0.1 s a step on a 2-core CPU); default 600, 0 = off")
     p.add_argument("--max-memory-gb", type=float, metavar="GB",
                    help="peak memory to plan for (default 8): decoder chunks shrink and long scans are tiled to fit it")
     p.add_argument("--fill-nonfinite", type=float, metavar="HU",

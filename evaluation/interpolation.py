@@ -34,7 +34,7 @@ from ddpm.inferer import LatentInferer
 from ddpm.samplers import make_sampler
 from ddpm.build import build_diffusion
 from ddpm.scan_tune import TuneSettings, tune_unet
-from evaluation.adapt import AdaptSettings, check_adaptable, refine, train_adapter
+from ddpm.adapt import AdaptSettings, check_adaptable, refine, train_adapter
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import DiffusionConfig, InterpolateConfig
 from thinslice.precision import Precision, choose
@@ -93,6 +93,9 @@ class Models:
     # how to sample: the diffusion section of the config the interpolation runs with (its sampler, sample_steps and
     # eta; the defaults unless given), not the checkpoint's, so the config one runs with decides, as in training
     sampling: DiffusionConfig = None
+    # what the U-Net was trained to be conditioned on (its checkpoint says): cubic, or cubic refined by the per-scan
+    # adapter (the cascade, latents.cond_adapt_steps), whose change is then relative to the adapted volume
+    condition: str = "cubic"
 
     def __post_init__(self):
         if self.precision is None:
@@ -126,7 +129,7 @@ class Models:
             raise ValueError(f"{unet} was trained on latents of another autoencoder than {autoencoder} "
                              f"(fingerprint {expected} vs {actual})")
         return cls(ae, net, space, build_diffusion(cfg), tuple(ae_state["config"]["data"]["hu_window"]), cfg, device,
-                   policy, sampling)
+                   policy, sampling, state.get("condition") or "cubic")
 
 
 @dataclass
@@ -221,18 +224,24 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         models, tune_info = tune_models(thick, models, cfg, progress)
     t_tune = time.perf_counter()
     box = body_box(cubic, cfg.body_margin)
-    inner = np.ascontiguousarray(cubic[box])
-    shape = inner.shape
+    shape = tuple(len(range(*b.indices(n))) for b, n in zip(box, cubic.shape))
     inferer = models.inferer(cfg)
+    cascade = models.condition == "adapted"
+    if cascade:  # the U-Net was trained on adapted conditions: it adds what the adapter left
+        if not adapt and adapter is None:
+            print("this U-Net was trained on adapted conditions (a cascade): without adaptation it is conditioned "
+                  "on cubic, which it was not trained on", flush=True)
+        adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
+        t_adapt = time.perf_counter()
+    base = cubic if not cascade or adaptation is None else cubic + adaptation
     stage(f"encode the condition (autoencoder, patch-wise; the body's box {'x'.join(map(str, shape))})")
-    cond = inferer.condition(inner, progress)
-    del inner
+    cond = inferer.condition(np.ascontiguousarray(base[box]), progress)
     t_enc = time.perf_counter()
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
-
-    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
-    t_adapt = time.perf_counter()
-    base = cubic if adaptation is None else cubic + adaptation
+    if not cascade:
+        adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
+        t_adapt = time.perf_counter()
+        base = cubic if adaptation is None else cubic + adaptation
     halo = decode_halo(models, cfg)
     chunk = decode_chunk_for(models, shape, cfg.max_memory_gb, halo, grid.shape)
     total = total_sq = None
@@ -268,9 +277,10 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage("slab consistency")
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    seconds = {"resample": t_res - t0, "encode": t_enc - t_tune, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
+    t_encode = t_enc - (t_adapt if cascade else t_tune)
+    seconds = {"resample": t_res - t0, "encode": t_encode, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
     if adapt_info:
-        seconds = {"adapt": t_adapt - t_enc, **seconds}
+        seconds = {"adapt": t_adapt - (t_tune if cascade else t_enc), **seconds}
     if tune_info:
         seconds = {"tune": t_tune - t_res, **seconds}
     return Interpolation(grid, cubic, mean, std, output, cond.latent if cfg.decode == "residual" else None, seconds,
@@ -463,5 +473,7 @@ def latent_ceiling(truth_hu: np.ndarray, res: Interpolation, models: Models,
     inferer = models.inferer(cfg or InterpolateConfig())  # the run's: the truth is encoded as its condition was
     truth = np.ascontiguousarray(truth_hu[res.box])
     ceiling = res.cubic.astype(np.float32)
+    if models.condition == "adapted" and res.adaptation is not None:
+        ceiling += res.adaptation  # the condition it subtracts was encoded from the adapted volume
     ceiling[res.box] += inferer.residual(inferer.encode(truth), res.cond, truth.shape)[0, 0].numpy()
     return ceiling

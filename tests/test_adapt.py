@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dataset.thick import simulate_thick
-from evaluation.adapt import AdaptSettings, check_adaptable, refine, slab_phase, train_adapter
+from ddpm.adapt import AdaptSettings, check_adaptable, refine, slab_phase, train_adapter
 from evaluation.interpolate_cli import main
 from thinslice.precision import Precision
 

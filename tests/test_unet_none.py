@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dataset.thick import enforce_slab_consistency, simulate_thick
-from evaluation.adapt import refine
+from ddpm.adapt import refine
 from evaluation.interpolation import Models, fit_adapter, interpolate, output_grid
 from thinslice.config import InterpolateConfig
 from thinslice.precision import Precision

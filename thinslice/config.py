@@ -244,6 +244,10 @@ class LatentsConfig(_Strict):
     # false: a training case's own whole-volume pair is not encoded (only its crops are; what unet.cond_image
     # trains on), which keeps the cost bounded on large scans; val and test cases are always encoded whole
     whole_train_cases: bool = True
+    # > 0, the cascade (issue 26): every training pair's condition is its cubic refined by a per-scan adapter
+    # (ddpm/adapt.py) fitted for this many steps on that pair's own thick input, as interpolation refines a scan
+    # before the U-Net; a U-Net trained on such latents is then conditioned on the adapted volume. 0: on cubic
+    cond_adapt_steps: int = Field(0, ge=0)
     seed: int = 0
 
 
@@ -307,7 +311,7 @@ class InterpolateConfig(_Strict):
     # None: whole scans that fit half of max_memory_gb, tiles sized from it otherwise
     tile_slices: int | None = Field(None, gt=0)
     # > 0: fit a small 2D CNN for this many steps on the input scan's own in-plane pairs and refine the
-    # cubic volume with it before the U-Net's change is added (evaluation/adapt.py); needs decode: residual.
+    # cubic volume with it before the U-Net's change is added (ddpm/adapt.py); needs decode: residual.
     # 600: about 1 min on a 2-core CPU, +1.3..+1.5 dB over cubic + consistency on three held-out chest crops
     adapt_steps: int = Field(600, ge=0)
     adapt_crop: int = Field(64, ge=16)

@@ -173,18 +173,20 @@ def self_check(net: PlaneCNN, pairs: list[PairPlanes], settings: AdaptSettings, 
 
 @torch.no_grad()
 def refine(net: PlaneCNN, cubic: np.ndarray, thin_mm: float, slab_mm: float, policy: Precision,
-           planes_per_batch: int = 8, progress: bool = True) -> np.ndarray:
+           planes_per_batch: int = 8, progress: bool = True, directions: tuple[int, ...] = (1, 0)) -> np.ndarray:
     """cubic + the mean of the network's correction over coronal (x, z) and sagittal (y, z) planes, in HU.
 
     Planes go through the network in small batches, so its activations grow with a plane, not with the scan;
-    each of the two directions contributes half of the correction.
+    each direction contributes an equal share of the correction. `directions`: the axes the planes are fixed
+    along (1: coronal, 0: sagittal); an in-plane training pair's volume has only one plane direction whose
+    first axis is in-plane (ddpm.pair_crops), so it is refined along that one alone.
     """
     device = next(net.parameters()).device
     phase = torch.from_numpy(slab_phase(cubic.shape[2], thin_mm, slab_mm)).to(device)
     correction = np.zeros(cubic.shape, dtype=np.float32)
-    total = cubic.shape[0] + cubic.shape[1]
+    total = sum(cubic.shape[a] for a in directions)
     bar = tqdm(total=total, desc="refine planes", unit="plane", disable=not progress, mininterval=1)
-    for axis in (1, 0):  # coronal planes (fixed y) then sagittal (fixed x)
+    for axis in directions:  # coronal planes (fixed y) then sagittal (fixed x)
         for start in range(0, cubic.shape[axis], planes_per_batch):
             idx = slice(start, min(start + planes_per_batch, cubic.shape[axis]))
             block = cubic[:, idx] if axis == 1 else cubic[idx]
@@ -192,7 +194,7 @@ def refine(net: PlaneCNN, cubic: np.ndarray, thin_mm: float, slab_mm: float, pol
             planes = planes / HU_SCALE
             x = torch.stack([planes, phase.expand_as(planes)], dim=1).contiguous(memory_format=torch.channels_last)
             with policy.autocast(device):
-                r = net(x).float()[:, 0].cpu().numpy() * (HU_SCALE / 2)
+                r = net(x).float()[:, 0].cpu().numpy() * (HU_SCALE / len(directions))
             if axis == 1:
                 correction[:, idx] += np.moveaxis(r, 0, 1)
             else:
