@@ -42,7 +42,7 @@ reproduce: setup
 	$(call STAMP,autoencoder)
 	$(BIN)/thinslice-train-autoencoder --config config/cpu.yaml --cache $(RUN)/cache --output $(RUN)/ae $(TRAIN_ARGS)
 	$(call STAMP,latents)
-	$(BIN)/thinslice-latents --cache $(RUN)/cache --checkpoint $(RUN)/ae/checkpoints/best.pt --output $(RUN)/latents --config config/cpu.yaml
+	$(BIN)/thinslice-latents --cache $(RUN)/cache --checkpoint $(RUN)/ae/checkpoints/best.pt --output $(RUN)/latents --config config/cpu.yaml --splits train val
 	$(call STAMP,unet)
 	$(BIN)/thinslice-train-unet --config config/cpu.yaml --latents $(RUN)/latents --output $(RUN)/unet $(TRAIN_ARGS)
 	$(call STAMP,export)
