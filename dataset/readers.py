@@ -178,8 +178,14 @@ def discover_sources(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     sources: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()  # folders reached through links count once (data folders are often linked in)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(PARTIAL))  # a killed writer's leftovers
         files = [here / f for f in sorted(filenames) if not f.startswith(PARTIAL)]
         if any(is_dicom_file(f) for f in files[:20]) or (here != root and _is_multi_series_case(here, dirnames)):

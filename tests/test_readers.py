@@ -111,6 +111,14 @@ def test_discovery_finds_every_kind_of_source(chest_block, tmp_path):
     (raw / "notes.txt").write_text("not an image")
     found = sorted(str(p.relative_to(raw)) for p in discover_sources(raw))
     assert found == ["chest.nii.gz", "nested/case_001.zip", "series_folder", "unzipped/case_002"]
+    # a data folder assembled from links (as for make reproduce) finds the same cases, a link loop once
+    linked = tmp_path / "linked"
+    (linked / "deeper").mkdir(parents=True)
+    for name in ("series_folder", "nested", "unzipped", "chest.nii.gz"):
+        (linked / "deeper" / name).symlink_to(raw / name)
+    (linked / "deeper" / "loop").symlink_to(linked)
+    found = sorted(str(p.relative_to(linked / "deeper")) for p in discover_sources(linked))
+    assert found == ["chest.nii.gz", "nested/case_001.zip", "series_folder", "unzipped/case_002"]
 
 
 def test_unsupported_input_has_a_clear_reason(tmp_path):
