@@ -112,7 +112,7 @@ class AutoencoderTask:
             self.disc = self.adversary.disc
             self.opt_d = torch.optim.AdamW(self.adversary.parameters(), lr=tc.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
             self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, warmup_cosine(tc.warmup_steps, tc.max_steps))
-        self.train_dirs = cases_in_split(cache, "train") if cache is not None else []
+        self.train_dirs = [d for split in tc.train_splits for d in cases_in_split(cache, split)] if cache is not None else []
         self.val_dirs = cases_in_split(cache, "val")[: tc.val_max_cases] if cache is not None else []
         self.step_count, self.batches, self.x, self.recon = 0, None, None, None
 

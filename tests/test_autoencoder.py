@@ -271,3 +271,22 @@ def test_difference_decoding_equals_two_decodes_and_skips_only_untouched_chunks(
     # of 3 x 3 x 2 chunks, those whose context (core +- 12 latent voxels) holds the change: x and y in
     # chunks 0 and 8, z in both; each is decoded twice (z and cond), the other 10 not at all
     assert len(calls) == 2 * (2 * 2 * 2)
+
+
+def test_train_splits_add_the_val_cases_to_training_and_validation_stays_on_them(tmp_path):
+    from AutoEncoder.trainer import AutoencoderTask
+    from dataset.cache import cases_in_split
+    from dataset.prepare import main as prepare
+    from thinslice.config import load_config
+    from thinslice.distributed import init_distributed
+
+    cache = tmp_path / "cache"  # the bundled CT split as config/cpu.yaml splits it: the chest crop of s1 is val
+    assert prepare(["--input", str(ROOT / "data" / "ct"), "--output", str(cache), "--config",
+                    str(ROOT / "config" / "cpu.yaml")]) == 0
+    train, val = cases_in_split(cache, "train"), cases_in_split(cache, "val")
+    assert train and val
+    ctx = init_distributed()
+    plain = AutoencoderTask(load_config(write_config(tmp_path / "a.yaml")), ctx, cache)
+    both = AutoencoderTask(load_config(write_config(tmp_path / "b.yaml", train_splits=["train", "val"])), ctx, cache)
+    assert plain.train_dirs == train and both.train_dirs == train + val
+    assert plain.val_dirs == both.val_dirs == val[: plain.cfg.ae_train.val_max_cases]

@@ -175,6 +175,9 @@ class AETrainConfig(TrainingLoop):
     crop_size: tuple[int, int, int] | None = None  # stage 2: None = whole volumes
     disc_lr: float = Field(1e-4, gt=0)
     image_every: int = Field(500, gt=0)
+    # the splits whose cases the autoencoder trains on (its validation is always the val split): the shipped CPU
+    # autoencoder also trained on the U-Net's val chest, which is not the model being validated there
+    train_splits: tuple[Literal["train", "val"], ...] = ("train",)
 
     @model_validator(mode="after")
     def _stage(self):
