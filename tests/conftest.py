@@ -36,6 +36,18 @@ def chest_block(chest) -> CTVolume:
 
 
 @pytest.fixture(scope="session")
+def thick_block(chest) -> CTVolume:
+    """128x128 in-plane of the chest averaged into 5 mm slabs (16 slices): lung, vessels, mediastinum; cheap enough
+    to adapt and interpolate several times."""
+    from dataset.thick import simulate_thick
+
+    thick = simulate_thick(chest, 5.0, 5.0)
+    affine = thick.affine.copy()
+    affine[:3, 3] = (thick.affine @ np.array([64, 64, 0, 1.0]))[:3]
+    return thick.with_array(np.ascontiguousarray(np.asarray(thick.array)[64:192, 64:192]), affine)
+
+
+@pytest.fixture(scope="session")
 def bundled_cache(tmp_path_factory) -> Path:
     """data/ct prepared with the demo config (chest crop pinned to test)."""
     from dataset.prepare import main

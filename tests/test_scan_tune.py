@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.thick import simulate_thick
 from ddpm.scan_tune import deep_enough
 from evaluation.interpolation import Models, interpolate, tune_models
 from thinslice.config import InterpolateConfig
@@ -15,12 +14,8 @@ FP32 = Precision(False, "test")
 
 
 @pytest.fixture(scope="module")
-def block(chest):
-    """128x128 in-plane of the thick (5 mm) chest: 16 slices, fewer than a training crop is deep."""
-    thick = simulate_thick(chest, 5.0, 5.0)
-    affine = thick.affine.copy()
-    affine[:3, 3] = (thick.affine @ np.array([64, 64, 0, 1.0]))[:3]
-    return thick.with_array(np.ascontiguousarray(np.asarray(thick.array)[64:192, 64:192]), affine)
+def block(thick_block):
+    return thick_block  # 16 slices: fewer than a U-Net training crop is deep
 
 
 def test_a_shallow_scan_is_mirrored_to_the_depth_a_crop_needs(block):
