@@ -1,6 +1,6 @@
 """How the per-scan adapter and the latent U-Net should combine, chosen on validation scans only.
 
-  python benchmarks/combine_sweep.py THIN.nii.gz [THIN ...] --slab-slices 4 [--set KEY=VALUE ...] --out FILE.json
+  python benchmarks/combine_sweep.py THIN.nii.gz [THIN ...] --slab-slices 4 [--set interpolate.KEY=VALUE ...] --out FILE.json
 
 Each thin scan is re-thickened (slab means of `--slab-slices` thin slices) and interpolated back to its
 own spacing with the shipped weights and defaults: one run gives cubic, the adapter's change A and the
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from dataset.readers import read_volume
 from dataset.thick import enforce_slab_consistency, simulate_thick
@@ -24,7 +23,7 @@ from evaluation.interpolation import Models, interpolate
 from evaluation.report import lung_mask, score, scored_slices
 from thinslice import precision
 from thinslice.atomic import write_json
-from thinslice.config import InterpolateConfig
+from thinslice.config import InterpolateConfig, add_set_argument, load_config
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -60,21 +59,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("thin", nargs="+", type=Path)
     p.add_argument("--slab-slices", type=int, default=4, help="thin slices per simulated thick slab")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="interpolate settings (YAML values)")
+    add_set_argument(p)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     if any("0314" in t.name for t in a.thin):
         p.error("LIDC-IDRI-0314 is the held-out test scan: it must not take part in any choice")
-    base = InterpolateConfig()
-    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in a.set)}
-    cfg = base.model_validate({**base.model_dump(), **settings})
+    cfg = load_config(None, a.overrides).interpolate
     policy = precision.choose("cpu")
     models = Models.load(cfg.autoencoder, cfg.unet, "cpu", policy)
     cases = [sweep_case(t, models, a.slab_slices, cfg) for t in a.thin]
     mean = {k: round(float(np.mean([c["gain_db"][k] for c in cases])), 3) for k in cases[0]["gain_db"]}
     write_json(a.out, {"source": "python benchmarks/combine_sweep.py " + " ".join(str(t) for t in a.thin)
-                                 + f" --slab-slices {a.slab_slices}" + "".join(f" --set {x}" for x in a.set),
-                       "settings": settings,
+                                 + f" --slab-slices {a.slab_slices}" + "".join(f" --set {x}" for x in a.overrides),
                        "machine": {"cpu": platform.processor() or platform.machine(), "precision": str(policy)},
                        "what": "PSNR gain in dB over cubic + consistency of cubic + a*adapter + u*U-Net + consistency",
                        "cases": cases, "mean_gain_db": mean, "best_mean": max(mean, key=mean.get)})

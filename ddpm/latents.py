@@ -28,7 +28,7 @@ from tqdm import tqdm
 from AutoEncoder.codec import Codec
 from dataset.cache import has_thin, load_case, read_manifest
 from dataset.volume import CTVolume
-from ddpm.pair_crops import adapted_condition, BODY_HU, pair_crops
+from ddpm.pair_crops import BODY_HU, adapted_condition, pair_crops
 from thinslice.atomic import atomic_path, write_json
 from thinslice.checkpoint import file_fingerprint
 from thinslice.config import ConfigError, LatentsConfig, add_set_argument, load_config
@@ -101,12 +101,11 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
     # a thick-only case only trains (in-plane pairs): in val or test it has nothing to score against
     manifest = [c for c in manifest if has_thin(c) or (c["split"] == "train" and pairs is not None)]
     mine = manifest[ctx.rank::ctx.world]
-    adapt_all = pairs is not None and pairs.cond_adapt_steps > 0
+    adapt = pairs.cond_adapt_steps if pairs is not None else 0  # the cascade: val cases are conditioned alike
     failures = {}
     for c in tqdm(mine, desc=f"latents[{ctx.rank}]", unit="case", disable=not ctx.is_main):
         path = out / f"{c['case_id']}.safetensors"
         case_pairs = pairs if c["split"] == "train" else None
-        adapt = pairs.cond_adapt_steps if pairs is not None else 0  # the cascade conditions val cases alike
         want = pairs_fingerprint(case_pairs, body_threshold_hu) + (f"-adapt{adapt}" if adapt and case_pairs is None else "")
         meta = read_metadata(path)
         if meta and meta.get("ae_fingerprint") == fingerprint and meta.get("pairs_fingerprint") == want:
@@ -134,7 +133,7 @@ def generate(cache: Path, checkpoint: Path, out: Path, splits=("train", "val", "
     index = {}
     if ctx.is_main:
         index = write_index(out, manifest, checkpoint, fingerprint, failures, cache, codec.compression,
-                            "adapted" if adapt_all else "cubic")
+                            "adapted" if adapt else "cubic")
     ctx.barrier()
     cleanup()
     return index

@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 from AutoEncoder.codec import Codec
+from dataset.cache import CachedCase
 from dataset.volume import CTVolume
 from ddpm.build import diffusion_loss
 from ddpm.diffusion import GaussianDiffusion
@@ -32,15 +33,6 @@ class TuneSettings:
     crops_per_pair: int = 12  # encoded crops per in-plane pair volume (2 axes x 2 slab phases)
     final_step_fraction: float = 0.5  # as the shipped recipe trains: the step a 1-step sample starts from
     seed: int = 0
-
-
-@dataclass
-class _ThickOnly:
-    """What ddpm.pair_crops reads of a case: a thick scan with no thin series."""
-
-    thick: CTVolume
-    case_id: str = "scan"
-    thin: None = None
 
 
 def deep_enough(thick: CTVolume, slices: int) -> CTVolume:
@@ -65,7 +57,7 @@ def scan_latent_pairs(codec: Codec, thick: CTVolume, out_spacing_mm: float, crop
                           crop=crop_hu, crops_per_pair=settings.crops_per_pair, whole_train_cases=False,
                           seed=settings.seed)
     cases = []
-    for crop in pair_crops(_ThickOnly(deep_enough(thick, crop_hu[1])), pairs, f, BODY_HU):
+    for crop in pair_crops(CachedCase("scan", None, deep_enough(thick, crop_hu[1]), {}), pairs, f, BODY_HU):
         image = codec.to_unit(crop.cond_hu)[None].float() if reads_image else None
         cases.append(LatentCase("scan", "tune", codec.encode(crop.thin_hu)[0].cpu(), codec.encode(crop.cond_hu)[0].cpu(),
                                 torch.tensor([crop.describe["slab_mm"], crop.describe["thin_mm"]], dtype=torch.float32),

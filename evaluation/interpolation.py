@@ -226,22 +226,19 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
     box = body_box(cubic, cfg.body_margin)
     shape = tuple(len(range(*b.indices(n))) for b, n in zip(box, cubic.shape))
     inferer = models.inferer(cfg)
-    cascade = models.condition == "adapted"
-    if cascade:  # the U-Net was trained on adapted conditions: it adds what the adapter left
-        if not adapt and adapter is None:
-            print("this U-Net was trained on adapted conditions (a cascade): without adaptation it is conditioned "
-                  "on cubic, which it was not trained on", flush=True)
-        adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
-        t_adapt = time.perf_counter()
-    base = cubic if not cascade or adaptation is None else cubic + adaptation
+    adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
+    t_adapt = time.perf_counter()
+    base = cubic if adaptation is None else cubic + adaptation
+    if models.condition == "adapted" and adaptation is None:
+        print("this U-Net was trained on adapted conditions (a cascade): without adaptation it is conditioned "
+              "on cubic, which it was not trained on", flush=True)
+    # a cascade U-Net (trained on adapted conditions) is conditioned on what the adapter made and adds what it left
+    source = base if models.condition == "adapted" else cubic
     stage(f"encode the condition (autoencoder, patch-wise; the body's box {'x'.join(map(str, shape))})")
-    cond = inferer.condition(np.ascontiguousarray(base[box]), progress)
+    cond = inferer.condition(np.ascontiguousarray(source[box]), progress)
+    del source
     t_enc = time.perf_counter()
     spacing = torch.tensor([[thick.slice_spacing, cfg.spacing_mm]])
-    if not cascade:
-        adaptation, adapt_info = adapt_cubic(thick, cubic, models, cfg, progress, stage, adapter, adapt, box)
-        t_adapt = time.perf_counter()
-        base = cubic if adaptation is None else cubic + adaptation
     halo = decode_halo(models, cfg)
     chunk = decode_chunk_for(models, shape, cfg.max_memory_gb, halo, grid.shape)
     total = total_sq = None
@@ -277,10 +274,10 @@ def interpolate(thick: CTVolume, models: Models, cfg: InterpolateConfig, progres
         stage("slab consistency")
     output = enforce_slab_consistency(mean, thick.array, grid.weights) if cfg.consistency else mean
     t_end = time.perf_counter()
-    t_encode = t_enc - (t_adapt if cascade else t_tune)
-    seconds = {"resample": t_res - t0, "encode": t_encode, **seconds, "consistency": t_end - t_sample, "total": t_end - t0}
+    seconds = {"resample": t_res - t0, "encode": t_enc - t_adapt, **seconds, "consistency": t_end - t_sample,
+               "total": t_end - t0}
     if adapt_info:
-        seconds = {"adapt": t_adapt - (t_tune if cascade else t_enc), **seconds}
+        seconds = {"adapt": t_adapt - t_tune, **seconds}
     if tune_info:
         seconds = {"tune": t_tune - t_res, **seconds}
     return Interpolation(grid, cubic, mean, std, output, cond.latent if cfg.decode == "residual" else None, seconds,

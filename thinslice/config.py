@@ -547,7 +547,9 @@ def _section_keys(dotted: str) -> list[str]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read and validate a YAML config, merged over the recipe it names (`recipe:`), then the command line's
     `--set` overrides; no file gives the defaults (and the overrides)."""
-    merged, layers = ({}, []) if path is None else resolve(path)[::2]
+    merged, layers = {}, []
+    if path is not None:
+        merged, _, layers = resolve(path)
     extra = parse_overrides(overrides)
     merged = _merge(merged, extra)
     try:
